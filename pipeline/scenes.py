@@ -1,0 +1,15 @@
+"""DVC stage `scenes`: procedural Vaihingen-like scenes, written in the official Vaihingen layout."""
+
+from aerialseg.config import load_params
+from aerialseg.datasets.synthetic import write_vaihingen_layout
+
+
+def main() -> None:
+    params = load_params()
+    out = params.paths.raw / "synthetic"
+    areas = write_vaihingen_layout(out, params.synthetic)
+    print(f"wrote {len(areas)} synthetic areas of {params.synthetic.size} px to {out}")
+
+
+if __name__ == "__main__":
+    main()

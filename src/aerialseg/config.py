@@ -1,0 +1,158 @@
+"""params.yaml -> frozen, validated configuration objects.
+
+Every section forbids unknown keys, so a typo fails at load with the key's full path
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SPECTRAL_BANDS = ("ir", "r", "g")
+"""Bands that hold reflectance: photometric augmentation touches these and nothing else."""
+HEIGHT_BANDS = ("dsm",)
+BANDS = SPECTRAL_BANDS + HEIGHT_BANDS
+Band = Literal["ir", "r", "g", "dsm"]
+
+Optimizer = Literal["sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamax", "adamw"]
+Precision = Literal["auto", "32", "bf16-mixed", "16-mixed"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    raw: Path = Path("data/raw")
+    tiles: Path = Path("data/tiles")
+    patches: Path = Path("data/patches")
+    models: Path = Path("models")
+    reports: Path = Path("reports")
+
+
+class SyntheticConfig(_Section):
+    """Procedural Vaihingen-like scenes, written in the official Vaihingen layout."""
+
+    tiles: Annotated[int, Field(ge=3)] = 8
+    size: Annotated[int, Field(ge=64)] = 512
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "vaihingen"] = "synthetic"
+    bands: tuple[Band, ...] = ("ir", "r", "g", "dsm")
+    val_tiles: tuple[int, ...] = ()
+    test_tiles: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not self.bands:
+            raise ValueError("data.bands: choose at least one of " + ", ".join(BANDS))
+        if len(set(self.bands)) != len(self.bands):
+            raise ValueError(f"data.bands: {list(self.bands)} lists a band twice")
+        overlap = set(self.val_tiles) & set(self.test_tiles)
+        if overlap:
+            raise ValueError(f"data: tiles {sorted(overlap)} are in both val_tiles and test_tiles")
+        if not self.val_tiles or not self.test_tiles:
+            raise ValueError("data.val_tiles and data.test_tiles must each name at least one tile")
+        return self
+
+
+class PatchesConfig(_Section):
+    size: Annotated[int, Field(gt=0)] = 256
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.size % 32:
+            raise ValueError(
+                f"patches.size: {self.size} is not a multiple of 32 (the encoder downsamples 32x)"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    arch: Literal["fpn"] = "fpn"
+    encoder: str = "resnet50"
+
+
+class TrainConfig(_Section):
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    optimizer: Optimizer = "adamw"
+    augment: bool = True
+    pretrained: str = "none"
+    """`none`, `imagenet`, or the path of a local weights file for the encoder."""
+    seed: int = 0
+    precision: Precision = "auto"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    limit_train_batches: Annotated[int, Field(ge=1)] | None = None
+    """Cap on batches per epoch (tests and smoke runs); null uses every patch."""
+
+
+class EvaluateConfig(_Section):
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    batch_size: Annotated[int, Field(ge=1)] = 4
+    tta: bool = False
+    """Average predictions over horizontal and vertical flips."""
+
+
+class TrackingConfig(_Section):
+    experiment: str = "aerialseg"
+
+
+class Params(_Section):
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig
+    synthetic: SyntheticConfig = SyntheticConfig()
+    patches: PatchesConfig = PatchesConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def raw_dir(self) -> Path:
+        """Where the `tiles` stage reads the official layout from."""
+        return self.paths.raw / self.data.source
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, malformed or has a key or value that is not allowed."""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: file does not exist") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: invalid parameters\n{_describe(err)}") from None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        elif "input" in e and e["type"] != "missing":
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)

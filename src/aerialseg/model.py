@@ -1,0 +1,111 @@
+"""The one factory that builds the segmentation network, and its encoder weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+OUTPUT_STRIDE = 32
+"""The encoders downsample by 32, so input sides must be multiples of it."""
+HUB_HOST = ("huggingface.co", 443)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be had."""
+
+
+def model_args(arch: str, encoder: str, in_channels: int, num_classes: int) -> dict[str, Any]:
+    """The arguments that rebuild the network; stored in every checkpoint."""
+    return {"arch": arch, "encoder_name": encoder, "in_channels": in_channels, "classes": num_classes}
+
+
+def build_model(args: dict[str, Any], weights: str = "none") -> nn.Module:
+    """Build the network from `model_args(...)`; `weights` is none, imagenet or a local file."""
+    if weights == "none":
+        return smp.create_model(**args, encoder_weights=None)
+    if weights == "imagenet":
+        _ensure_imagenet_reachable(args["encoder_name"])
+        return smp.create_model(**args, encoder_weights="imagenet")
+    return _build_from_local_weights(args, Path(weights))
+
+
+def check_input_size(height: int, width: int) -> None:
+    if height % OUTPUT_STRIDE or width % OUTPUT_STRIDE:
+        raise ValueError(
+            f"input size {height} x {width} is not a multiple of {OUTPUT_STRIDE} on both sides; "
+            f"the encoder downsamples {OUTPUT_STRIDE}x"
+        )
+
+
+def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
+    """Load encoder weights from a file: an encoder state dict or a whole smp model's.
+
+    The file holds 3-channel (RGB) filters like ImageNet weights; smp's `set_in_channels`
+    then adapts the first convolution to the project's band count the same way it does
+    for ImageNet weights.
+    """
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"train.pretrained: {path} is not a file; expected `none`, `imagenet` or the path of "
+            "a local encoder weights file (a torch state dict)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path}: expected a state dict, got {type(state).__name__}")
+    # Accept encoder-only files and whole-model files (keys prefixed `encoder.`).
+    prefixed = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    encoder_state = prefixed or state
+    file_in_channels = _first_conv_in_channels(encoder_state)
+    model = smp.create_model(**{**args, "in_channels": file_in_channels}, encoder_weights=None)
+    result = model.encoder.load_state_dict(encoder_state, strict=False)
+    if result.missing_keys:
+        raise WeightsUnavailableError(
+            f"{path}: does not fit encoder {args['encoder_name']!r}; missing "
+            f"{len(result.missing_keys)} tensors, e.g. {result.missing_keys[:3]}"
+        )
+    if file_in_channels != args["in_channels"]:
+        model.encoder.set_in_channels(args["in_channels"], pretrained=True)
+    return model
+
+
+def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> int:
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.ndim == 4:
+            return int(value.shape[1])
+    raise WeightsUnavailableError("the weights file has no convolution filters")
+
+
+def _ensure_imagenet_reachable(encoder: str) -> None:
+    """Fail at once, not after a long network timeout, when ImageNet weights cannot be fetched."""
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
+    if settings is not None and _in_hub_cache(settings["repo_id"], settings["revision"]):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            socket.create_connection(HUB_HOST, timeout=3).close()
+            return
+        except OSError:
+            pass
+    raise WeightsUnavailableError(
+        f"train.pretrained: imagenet weights for encoder {encoder!r} are not in the local cache "
+        f"and {HUB_HOST[0]} cannot be reached (no network{', HF_HUB_OFFLINE is set' if offline else ''}). "
+        "Download them on a machine with internet (they land in the Hugging Face cache, "
+        "HF_HOME, which compute nodes can share), or set train.pretrained to the path of a "
+        "local weights file."
+    )
+
+
+def _in_hub_cache(repo_id: str, revision: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "model.safetensors", revision=revision)
+    return isinstance(found, str)

@@ -1,0 +1,145 @@
+"""Overlapped training patches in self-describing, chunked HDF5 files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from aerialseg.classes import IGNORE_INDEX, legend
+from aerialseg.files import atomic_path
+from aerialseg.raster import read_raster
+from aerialseg.windows import stride_for, window_grid
+
+
+@dataclass(frozen=True)
+class BandStats:
+    """Per-band mean and standard deviation, computed on the training tiles only."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def band_statistics(image_paths: list[Path]) -> BandStats:
+    """Exact per-band mean/std over every pixel of the given tiles, one tile in memory at a time."""
+    count = 0
+    total: np.ndarray | None = None
+    total_sq: np.ndarray | None = None
+    for path in image_paths:
+        image, _ = read_raster(path)
+        flat = image.reshape(image.shape[0], -1).astype(np.float64)
+        total = flat.sum(axis=1) + (0 if total is None else total)
+        total_sq = (flat**2).sum(axis=1) + (0 if total_sq is None else total_sq)
+        count += flat.shape[1]
+    if total is None or total_sq is None:
+        raise ValueError("band statistics need at least one training tile")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    # A constant band would divide by zero; leave it unscaled instead.
+    std = np.where(std > 1e-6, std, 1.0)
+    return BandStats(tuple(mean.tolist()), tuple(std.tolist()))
+
+
+def write_patches(
+    tiles: pd.DataFrame,
+    tiles_dir: Path,
+    out_path: Path,
+    *,
+    size: int,
+    overlap: float,
+    stats: BandStats,
+    bands: list[str],
+) -> int:
+    """Cut every tile of `tiles` into overlapping windows and append them to one HDF5 file.
+
+    Images are stored raw (not normalised) in float32; the statistics travel as attributes so
+    the reader normalises, and a change of statistics never needs new patches. Returns the
+    number of patches written.
+    """
+    n_bands = len(bands)
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
+        image_ds = h5.create_dataset(
+            "image",
+            shape=(0, n_bands, size, size),
+            maxshape=(None, n_bands, size, size),
+            dtype="float32",
+            chunks=(1, n_bands, size, size),
+        )
+        mask_ds = h5.create_dataset(
+            "mask",
+            shape=(0, size, size),
+            maxshape=(None, size, size),
+            dtype="uint8",
+            chunks=(1, size, size),
+            compression="lzf",
+        )
+        tile_ds = h5.create_dataset("tile", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1024,))
+        offset_ds = h5.create_dataset(
+            "offset", shape=(0, 2), maxshape=(None, 2), dtype="int32", chunks=(1024, 2)
+        )
+        for tile_id, row in enumerate(tiles.itertuples()):
+            image, _ = read_raster(tiles_dir / str(row.image))
+            label, _ = read_raster(tiles_dir / str(row.label))
+            if image.shape[0] != n_bands:
+                raise ValueError(
+                    f"{tiles_dir / str(row.image)}: {image.shape[0]} bands, expected {n_bands} ({bands})"
+                )
+            try:
+                windows = window_grid(image.shape[1], image.shape[2], size, overlap)
+            except ValueError as err:
+                raise ValueError(f"tile {row.tile}: {err}; lower patches.size") from err
+            start = image_ds.shape[0]
+            stop = start + len(windows)
+            for ds in (image_ds, mask_ds, tile_ds, offset_ds):
+                ds.resize(stop, axis=0)
+            image_ds[start:stop] = np.stack([image[(slice(None), *w.slices)] for w in windows])
+            mask_ds[start:stop] = np.stack([label[0][w.slices] for w in windows])
+            tile_ds[start:stop] = tile_id
+            offset_ds[start:stop] = [(w.row, w.col) for w in windows]
+        h5.attrs.update(
+            size=size,
+            overlap=overlap,
+            stride=stride_for(size, overlap),
+            bands=json.dumps(bands),
+            classes=json.dumps(legend()),
+            ignore_index=IGNORE_INDEX,
+            mean=np.asarray(stats.mean, dtype=np.float64),
+            std=np.asarray(stats.std, dtype=np.float64),
+            tiles=json.dumps(tiles["tile"].tolist()),
+        )
+        return int(image_ds.shape[0])
+
+
+@dataclass(frozen=True)
+class PatchFileInfo:
+    """What a patch file says about itself."""
+
+    path: Path
+    length: int
+    size: int
+    overlap: float
+    stride: int
+    bands: list[str]
+    tiles: list[str]
+    stats: BandStats
+
+
+def read_patch_info(path: Path) -> PatchFileInfo:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no patch file; run the `patches` stage first")
+    with h5py.File(path, "r") as h5:
+        a = h5.attrs
+        return PatchFileInfo(
+            path=path,
+            length=int(h5["image"].shape[0]),
+            size=int(a["size"]),
+            overlap=float(a["overlap"]),
+            stride=int(a["stride"]),
+            bands=json.loads(a["bands"]),
+            tiles=json.loads(a["tiles"]),
+            stats=BandStats(tuple(a["mean"].tolist()), tuple(a["std"].tolist())),
+        )
