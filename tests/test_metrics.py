@@ -50,9 +50,7 @@ def test_scores_match_sklearn(seed: int) -> None:
     result = scores(confusion_matrix(pred, target))
     p, t = _counted(pred, target)
 
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        t, p, labels=LABELS, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(t, p, labels=LABELS, zero_division=0)
     iou = skm.jaccard_score(t, p, labels=LABELS, average=None, zero_division=0)
     assert result["pixels"] == t.size
     assert result["overall_accuracy"] == pytest.approx(skm.accuracy_score(t, p))

@@ -39,7 +39,7 @@ class SyntheticConfig(_Section):
 
     tiles: Annotated[int, Field(ge=3)] = 8
     size: Annotated[int, Field(ge=64)] = 512
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
 
 
 class DataConfig(_Section):
@@ -135,6 +135,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: file does not exist") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):

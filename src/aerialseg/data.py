@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,15 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         self.heights = [i for i, b in enumerate(self.bands) if b not in SPECTRAL_BANDS]
         self.augment = build_augmentation() if augment else None
         self._h5: h5py.File | None = None
+        self._pid: int | None = None
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r")
+        if self._pid != os.getpid():
+            self._start_in_this_process()
+        assert self._h5 is not None
         image = self._h5["image"][index]
         mask = self._h5["mask"][index]
         if self.augment is not None:
@@ -70,6 +73,18 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(mask.astype(np.int64)),
         }
+
+    def _start_in_this_process(self) -> None:
+        """Open the file and seed the augmentation in each process that reads samples.
+
+        A forked DataLoader worker inherits the parent's h5py handle (unsafe to share) and a copy
+        of albumentations' random generator, so every worker would draw the same flips. torch
+        gives each worker its own seed derived from the run's seed: use it.
+        """
+        self._h5 = h5py.File(self.path, "r")
+        self._pid = os.getpid()
+        if self.augment is not None:
+            self.augment.set_random_seed(torch.initial_seed() % 2**32)
 
     def _augment(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self.augment is not None
@@ -99,4 +114,5 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         # Never pickle an open HDF5 handle into a DataLoader worker.
         state = self.__dict__.copy()
         state["_h5"] = None
+        state["_pid"] = None
         return state

@@ -65,11 +65,20 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
     encoder_state = prefixed or state
     file_in_channels = _first_conv_in_channels(encoder_state)
     model = smp.create_model(**{**args, "in_channels": file_in_channels}, encoder_weights=None)
-    result = model.encoder.load_state_dict(encoder_state, strict=False)
-    if result.missing_keys:
+    # nn.Module's own loader: smp's encoder override drops the result that names missing keys.
+    try:
+        result = nn.Module.load_state_dict(model.encoder, encoder_state, strict=False)
+    except RuntimeError as err:
         raise WeightsUnavailableError(
-            f"{path}: does not fit encoder {args['encoder_name']!r}; missing "
-            f"{len(result.missing_keys)} tensors, e.g. {result.missing_keys[:3]}"
+            f"{path}: does not fit encoder {args['encoder_name']!r}: {str(err).splitlines()[1:3]}"
+        ) from err
+    # The classifier head of an ImageNet checkpoint is expected extra; anything else means the
+    # file was made for another encoder.
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
+    if result.missing_keys or unexpected:
+        raise WeightsUnavailableError(
+            f"{path}: does not fit encoder {args['encoder_name']!r}: {len(result.missing_keys)} tensors "
+            f"missing (e.g. {result.missing_keys[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     if file_in_channels != args["in_channels"]:
         model.encoder.set_in_channels(args["in_channels"], pretrained=True)

@@ -125,9 +125,10 @@ def _convert_area(paths: VaihingenPaths, out_dir: Path, data: DataConfig, split:
                 f"{path}: shape {arr.shape} does not match {paths.top}; "
                 f"expected ({bands}, {top.shape[1]}, {top.shape[2]})"
             )
-        if ref.transform != georef.transform:
+        if (ref.crs, ref.transform) != (georef.crs, georef.transform):
             raise RasterError(
-                f"{path}: its grid ({ref.transform}) differs from {paths.top} ({georef.transform})"
+                f"{path}: its grid ({ref.crs}, {ref.transform}) differs from {paths.top} "
+                f"({georef.crs}, {georef.transform})"
             )
 
     image = _stack_bands(top, dsm[0], data.bands)

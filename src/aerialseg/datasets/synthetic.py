@@ -159,6 +159,9 @@ def write_vaihingen_layout(
 # --------------------------------------------------------------------------------------
 # Geometry and noise helpers
 
+_RectSpec = tuple[tuple[float, float], float, float, float]
+"""An oriented rectangle as (centre (row, col), half length, half width, angle in rad)."""
+
 
 @dataclass(frozen=True)
 class _Stamp:
@@ -219,9 +222,7 @@ def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) ->
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], feature_px: float) -> np.ndarray:
     """Zero-mean, unit-std noise whose blobs are about `feature_px` wide."""
     if feature_px <= 2.0:
-        field = ndimage.gaussian_filter(
-            rng.standard_normal(shape, dtype=np.float32), sigma=feature_px / 2.0
-        )
+        field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=feature_px / 2.0)
     else:
         # Large features: cubic B-spline upsampling of coarse noise, done as two small matrix
         # products - far cheaper than a wide Gaussian blur or ndimage.zoom.
@@ -335,7 +336,7 @@ class _SceneBuilder:
         self.blocked = np.zeros(self.shape, dtype=bool)
         # For impervious pixels, which street direction (0 or 1) they belong to; -1 = yard.
         self.direction = np.full(self.shape, -1, dtype=np.int8)
-        self.house_parts: list[tuple[tuple[float, float], float, float, float]] = []
+        self.house_parts: list[_RectSpec] = []
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -395,8 +396,7 @@ class _SceneBuilder:
             reach = 0.25 if i == 0 else 0.45
             offset = self.rng.uniform(-reach, reach) * self.size
             too_close = any(
-                d == direction and abs(o - offset) < (w + width) / 2 + self.px(12.0)
-                for d, o, w in placed
+                d == direction and abs(o - offset) < (w + width) / 2 + self.px(12.0) for d, o, w in placed
             )
             if too_close:
                 continue
@@ -419,9 +419,7 @@ class _SceneBuilder:
                 dash = self.px(3.0)
                 line = (np.abs(road.v) <= max(0.6, self.px(0.08))) & ((road.u % (2 * dash)) < dash)
                 self._paint(road, road.mask & line, IMPERVIOUS, np.full(3, 215.0, np.float32))
-            setback = _oriented_rect(
-                self.shape, centre, 2.0 * self.size, width / 2 + self.px(1.5), angle
-            )
+            setback = _oriented_rect(self.shape, centre, 2.0 * self.size, width / 2 + self.px(1.5), angle)
             if setback is not None:
                 self.blocked[setback.window] |= setback.mask
 
@@ -468,7 +466,7 @@ class _SceneBuilder:
 
     def _wing(
         self, centre: tuple[float, float], half_length: float, half_width: float, angle: float
-    ) -> tuple[tuple[float, float], float, float, float]:
+    ) -> _RectSpec:
         """A perpendicular wing at one end of the main block, making an L-shaped house."""
         wing_half_width = half_width * self.rng.uniform(0.6, 0.9)
         wing_half_length = half_width * self.rng.uniform(1.2, 2.0)
@@ -481,14 +479,14 @@ class _SceneBuilder:
         )
         return wing_centre, wing_half_length, wing_half_width, angle + math.pi / 2
 
-    def _fallback_house_spec(self) -> tuple[tuple[float, float], float, float, float]:
+    def _fallback_house_spec(self) -> _RectSpec:
         """The largest square house that fits the free space (only for very crowded tiles)."""
         room = ndimage.distance_transform_cdt(~self.blocked, metric="chessboard")
         row, col = np.unravel_index(int(np.argmax(room)), room.shape)
         half = max(3.0, min(float(room[row, col]) - 1.0, self.px(6.0)))
         return (float(row), float(col)), half, half, self.grid_angle
 
-    def _build_house(self, specs: list[tuple[tuple[float, float], float, float, float]]) -> None:
+    def _build_house(self, specs: list[_RectSpec]) -> None:
         row, col = (min(max(int(c), 0), self.size - 1) for c in specs[0][0])
         # One floor level for the whole house, taken where it stands.
         floor = float(self.ground[row, col])
@@ -532,9 +530,7 @@ class _SceneBuilder:
             if self.rng.random() > 0.7:
                 continue
             margin = self.px(self.rng.uniform(1.0, 3.5))
-            yard = _oriented_rect(
-                self.shape, centre, half_length + margin, half_width + margin, angle
-            )
+            yard = _oriented_rect(self.shape, centre, half_length + margin, half_width + margin, angle)
             if yard is None:
                 continue
             lawn = yard.mask & (self.label[yard.window] == LOW_VEGETATION)
@@ -620,7 +616,7 @@ class _SceneBuilder:
                 return
             top = self.rng.uniform(4.0, 15.0)
             crown = self.px(self.rng.uniform(2.5, 6.0))
-            colour = self._jitter(np.array([196.0, 88.0, 100.0]), 8.0)
+            colour = self._jitter(np.array([194.0, 96.0, 106.0]), 8.0)
             for _ in range(int(self.rng.integers(2, 7))):
                 if tree_px > max_tree_px:
                     return
@@ -675,9 +671,7 @@ class _SceneBuilder:
 
     def _relief_shading(self) -> np.ndarray:
         """Lambertian shading of roofs, crowns and cars; 1 on flat ground."""
-        grad_row, grad_col = np.gradient(
-            ndimage.gaussian_filter(self.height, sigma=1.0), self.metres_per_px
-        )
+        grad_row, grad_col = np.gradient(ndimage.gaussian_filter(self.height, sigma=1.0), self.metres_per_px)
         cos_el, sin_el = math.cos(self.sun_elevation), math.sin(self.sun_elevation)
         facing = (
             -grad_row * cos_el * self.sun_dir[0] - grad_col * cos_el * self.sun_dir[1] + sin_el
@@ -705,9 +699,7 @@ class _SceneBuilder:
 
         # Gaps between leaves and branches show as dark speckle inside the crowns.
         foliage = (1.0 + 0.12 * leaves) * np.where(grain < -1.2, 0.65, 1.0)
-        gain = np.select(
-            [label == TREE, label == BUILDING], [foliage, 1.0 + 0.05 * grain], default=1.0
-        )
+        gain = np.select([label == TREE, label == BUILDING], [foliage, 1.0 + 0.05 * grain], default=1.0)
         offset = np.select(
             [label == IMPERVIOUS, label == CLUTTER], [5.0 * grain + 7.0 * patches, 12.0 * grain]
         )

@@ -1,0 +1,56 @@
+"""Shared fixtures: one small synthetic Vaihingen layout and the tiles built from it.
+
+Both are session-scoped and read-only: a test that needs to damage the layout copies it first
+(see `raw_copy`), so the fixtures stay valid for every other test.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aerialseg.config import DataConfig, SyntheticConfig
+from aerialseg.datasets.isprs import build_tiles
+from aerialseg.datasets.synthetic import write_vaihingen_layout
+
+SYNTHETIC_TILES = 4
+SYNTHETIC_SIZE = 128
+VAL_TILES = (3,)
+TEST_TILES = (4,)
+
+
+@pytest.fixture(scope="session")
+def synthetic_config() -> SyntheticConfig:
+    return SyntheticConfig(tiles=SYNTHETIC_TILES, size=SYNTHETIC_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_config() -> DataConfig:
+    """All four bands; area 3 is validation, area 4 is test, areas 1 and 2 train."""
+    return DataConfig(val_tiles=VAL_TILES, test_tiles=TEST_TILES)
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory: pytest.TempPathFactory, synthetic_config: SyntheticConfig) -> Path:
+    """The official Vaihingen folder layout with 4 synthetic areas of 128 x 128 px. Do not modify."""
+    root = tmp_path_factory.mktemp("raw") / "synthetic"
+    write_vaihingen_layout(root, synthetic_config)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_tiles(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_raw: Path, data_config: DataConfig
+) -> Path:
+    """`build_tiles` output (tiles.csv and GeoTIFFs) for `synthetic_raw`. Do not modify."""
+    out = tmp_path_factory.mktemp("tiles") / "tiles"
+    build_tiles(synthetic_raw, out, data_config)
+    return out
+
+
+@pytest.fixture
+def raw_copy(tmp_path: Path, synthetic_raw: Path) -> Path:
+    """A private copy of the synthetic layout that a test may damage."""
+    return Path(shutil.copytree(synthetic_raw, tmp_path / "raw"))

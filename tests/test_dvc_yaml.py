@@ -1,0 +1,71 @@
+"""dvc.yaml names exactly the code each stage runs, so `dvc repro` reruns what a change affects."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = "aerialseg"
+
+
+def _module_file(module: str) -> Path | None:
+    base = SRC / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Modules of the package that a file imports, at any depth of the file (lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+    return {m for m in found if _module_file(m) is not None}
+
+
+def code_closure(script: Path) -> set[Path]:
+    """The script and every project source file it reaches through imports."""
+    seen: set[Path] = {script}
+    todo = [script]
+    while todo:
+        for module in _project_imports(todo.pop()):
+            file = _module_file(module)
+            assert file is not None
+            if file not in seen:
+                seen.add(file)
+                todo.append(file)
+    # Package __init__ files hold no logic that stages depend on.
+    return {p for p in seen if p.name != "__init__.py"}
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_stage_code_deps_are_exactly_the_code_it_imports(name: str) -> None:
+    stage = STAGES[name]
+    script = ROOT / stage["cmd"].split()[-1]
+    listed = {ROOT / d for d in stage["deps"] if d.endswith(".py")}
+    expected = code_closure(script)
+    assert listed - expected == set(), f"{name}: lists code it never imports"
+    assert expected - listed == set(), f"{name}: imports code that dvc.yaml does not list"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_stage_params_exist_in_params_yaml(name: str) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key in STAGES[name].get("params", []):
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{name}: params.yaml has no {key}"
+            node = node[part]

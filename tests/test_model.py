@@ -1,0 +1,124 @@
+"""The model contract: shapes, gradients, input-size errors, checkpoints and encoder weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+from aerialseg.checkpoint import load_checkpoint, save_checkpoint
+from aerialseg.model import WeightsUnavailableError, build_model, check_input_size, model_args
+from aerialseg.patches import BandStats
+
+ARGS = model_args("fpn", "resnet18", in_channels=4, num_classes=6)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ARGS)
+
+
+def test_output_has_one_channel_per_class_at_input_size(model: torch.nn.Module) -> None:
+    out = model.eval()(torch.randn(2, 4, 64, 96))
+    assert out.shape == (2, 6, 64, 96)
+
+
+def test_backward_reaches_every_encoder_stage(model: torch.nn.Module) -> None:
+    model.train().zero_grad()
+    loss = torch.nn.functional.cross_entropy(
+        model(torch.randn(2, 4, 64, 64)), torch.randint(0, 6, (2, 64, 64))
+    )
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert grads["encoder.conv1.weight"] is not None and grads["encoder.conv1.weight"].abs().sum() > 0
+    assert grads["encoder.layer4.1.conv2.weight"] is not None
+
+
+@pytest.mark.parametrize(("height", "width"), [(100, 64), (64, 48), (31, 31)])
+def test_size_not_multiple_of_32_is_a_clear_error(height: int, width: int) -> None:
+    with pytest.raises(ValueError, match=rf"{height} x {width} is not a multiple of 32"):
+        check_input_size(height, width)
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(model: torch.nn.Module, tmp_path: Path) -> None:
+    stats = BandStats((0.1, 0.2, 0.3, 4.0), (1.0, 1.0, 1.0, 2.0))
+    path = tmp_path / "model.ckpt"
+    save_checkpoint(
+        path,
+        model,
+        ARGS,
+        bands=["ir", "r", "g", "dsm"],
+        stats=stats,
+        patch_size=64,
+        config={"model": {"encoder": "resnet18"}},
+        metrics={"val_mean_f1": 0.5},
+    )
+    rebuilt, meta = load_checkpoint(path)
+    x = torch.randn(1, 4, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
+    assert meta["bands"] == ["ir", "r", "g", "dsm"]
+    assert meta["band_mean"] == list(stats.mean) and meta["band_std"] == list(stats.std)
+    assert [c["name"] for c in meta["classes"]][:2] == ["impervious_surfaces", "building"]
+    assert meta["model_args"] == ARGS and meta["patch_size"] == 64
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="not an aerialseg checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="run the `train` stage"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize("whole_model", [False, True], ids=["encoder-file", "model-file"])
+def test_encoder_starts_from_a_local_weights_file(tmp_path: Path, whole_model: bool) -> None:
+    torch.manual_seed(123)
+    source = smp.create_model("fpn", encoder_name="resnet18", encoder_weights=None, in_channels=3, classes=6)
+    state = source.state_dict() if whole_model else source.encoder.state_dict()
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+
+    built = build_model(ARGS, weights=str(path))
+
+    expected = source.encoder.state_dict()
+    got = built.encoder.state_dict()
+    torch.testing.assert_close(got["layer3.0.conv1.weight"], expected["layer3.0.conv1.weight"])
+    torch.testing.assert_close(got["bn1.running_mean"], expected["bn1.running_mean"])
+    # 3 RGB filters adapted to 4 bands the way smp adapts ImageNet weights: cycled, rescaled by 3/4.
+    conv1 = got["conv1.weight"]
+    assert conv1.shape[1] == 4
+    torch.testing.assert_close(conv1[:, :3], expected["conv1.weight"] * 3 / 4)
+    torch.testing.assert_close(conv1[:, 3], expected["conv1.weight"][:, 0] * 3 / 4)
+
+
+def test_weights_file_for_another_encoder_is_refused(tmp_path: Path) -> None:
+    other = smp.create_model("fpn", encoder_name="resnet34", encoder_weights=None, classes=6)
+    path = tmp_path / "resnet34.pth"
+    torch.save(other.encoder.state_dict(), path)
+    # resnet34 has more blocks than resnet18: the file does not fit, and the error names it.
+    with pytest.raises(WeightsUnavailableError, match=r"resnet34\.pth: does not fit encoder 'resnet18'"):
+        build_model(ARGS, weights=str(path))
+
+
+def test_missing_weights_file_names_the_options(tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailableError, match=r"none.*imagenet.*local"):
+        build_model(ARGS, weights=str(tmp_path / "nope.pth"))
+
+
+def test_imagenet_offline_without_cache_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(ARGS, weights="imagenet")
+    message = str(info.value)
+    assert "resnet18" in message and "local weights file" in message and "HF_HUB_OFFLINE" in message

@@ -1,0 +1,162 @@
+"""End to end: the real `dvc repro` on a copy of the project, with tiny params, tracked by MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ["pipeline", "src", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+TINY = {
+    "synthetic": {"tiles": 4, "size": 128},
+    "data": {"val_tiles": [3], "test_tiles": [4]},
+    "patches": {"size": 64, "overlap": 0.5},
+    "model": {"encoder": "resnet18"},
+    "train": {"epochs": 2, "batch_size": 4, "num_workers": 0, "limit_train_batches": 2},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _run(project: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    # The copy's own code, not the installed one, so dvc.yaml's code deps are what runs.
+    env["PYTHONPATH"] = str(project / "src")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result.stdout + result.stderr
+
+
+def _set_params(project: Path, updates: dict[str, dict[str, Any]]) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in updates.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _stages_run(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def _client(project: Path) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        src, dst = ROOT / name, project / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst)
+    _set_params(project, TINY)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-qm", "tiny project"],
+    ):
+        subprocess.run(cmd, cwd=project, check=True)
+    first = _run(project, "dvc", "repro")
+    assert _stages_run(first) == {"scenes", "tiles", "patches", "train", "evaluate"}
+    return project
+
+
+def test_metrics_file_has_the_isprs_figures(project: Path) -> None:
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    for key in ("overall_accuracy", "mean_f1", "miou", "kappa"):
+        assert 0.0 <= metrics[key] <= 1.0 or (key == "kappa" and -1.0 <= metrics[key] <= 1.0)
+    assert set(metrics["per_class"]) >= {"impervious_surfaces", "building", "low_vegetation", "tree", "car"}
+    assert set(metrics["per_class"]["building"]) == {"support", "precision", "recall", "f1", "iou"}
+    assert list(metrics["tiles"]) == ["area4"]
+    cm = (project / "reports" / "confusion_matrix.csv").read_text().splitlines()
+    assert len(cm) == 7 and cm[0].startswith("reference,impervious_surfaces")
+    assert sum(int(v) for line in cm[1:] for v in line.split(",")[1:]) == metrics["pixels"]
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "predictions/area4.png"):
+        assert (project / "reports" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prediction_geotiff_keeps_the_tile_georeference(project: Path) -> None:
+    import rasterio
+
+    with rasterio.open(project / "reports/predictions/area4.tif") as pred:
+        with rasterio.open(project / "data/raw/synthetic/top/top_mosaic_09cm_area4.tif") as top:
+            assert (pred.crs, pred.transform, pred.shape) == (top.crs, top.transform, top.shape)
+        assert pred.dtypes[0] == "uint8" and pred.read(1).max() <= 5
+        assert pred.colormap(1)[1][:3] == (0, 0, 255)
+
+
+def test_the_mlflow_run_holds_params_curves_metrics_and_model(project: Path) -> None:
+    import mlflow
+    import torch
+
+    run_id = json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"]
+    assert json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"] == run_id
+    client = _client(project)
+    run = client.get_run(run_id)
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.encoder"] == "resnet18"
+    assert run.data.params["patches.overlap"] == "0.5"
+    assert run.data.tags["evaluate.overlap"] == "0.5"
+    assert len(run.data.tags["git_commit"]) == 40
+    assert len(client.get_metric_history(run_id, "val_loss")) == 2
+    assert len(client.get_metric_history(run_id, "train_loss")) == 2
+    for key in ("test_overall_accuracy", "test_mean_f1", "test_miou", "test_kappa", "train_seconds"):
+        assert key in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.csv", "evaluation/confusion_matrix.png"} <= artifacts
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert model(torch.zeros(1, 4, 64, 64)).shape == (1, 6, 64, 64)
+
+
+def test_second_repro_runs_nothing(project: Path) -> None:
+    assert _stages_run(_run(project, "dvc", "repro")) == set()
+
+
+def test_overlap_change_reruns_patches_train_evaluate_only(project: Path) -> None:
+    runs_before = len(_client(project).search_runs([_experiment_id(project)]))
+    _set_params(project, {"patches": {"overlap": 0.25}})
+    assert _stages_run(_run(project, "dvc", "repro")) == {"patches", "train", "evaluate"}
+    assert len(_client(project).search_runs([_experiment_id(project)])) == runs_before + 1
+
+    _set_params(project, {"evaluate": {"overlap": 0.25}})
+    assert _stages_run(_run(project, "dvc", "repro")) == {"evaluate"}
+    run_id = json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"]
+    assert _client(project).get_run(run_id).data.tags["evaluate.overlap"] == "0.25"
+
+
+def test_dvc_experiment_makes_a_new_run_and_shows_its_metrics(project: Path) -> None:
+    client = _client(project)
+    runs_before = {r.info.run_id for r in client.search_runs([_experiment_id(project)])}
+    _run(project, "dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
+    runs = client.search_runs([_experiment_id(project)])
+    new = [r for r in runs if r.info.run_id not in runs_before]
+    assert len(new) == 1
+    assert new[0].data.params["train.epochs"] == "1"
+    assert new[0].data.tags.get("dvc_exp_name") == "one-epoch"
+    shown = json.loads(_run(project, "dvc", "exp", "show", "--json"))
+    text = json.dumps(shown)
+    assert "one-epoch" in text and "overall_accuracy" in text and "mean_f1" in text
+    metrics = json.loads(_run(project, "dvc", "metrics", "show", "--json"))
+    assert "miou" in json.dumps(metrics) and "kappa" in json.dumps(metrics)
+
+
+def _experiment_id(project: Path) -> str:
+    return str(json.loads((project / "models" / "mlflow_run.json").read_text())["experiment_id"])

@@ -1,0 +1,317 @@
+"""The official raw layout -> model-ready tiles, split by whole area."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+
+from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES, UnknownColourError, colours_to_index
+from aerialseg.config import DataConfig
+from aerialseg.datasets.isprs import (
+    DSM_GROUND_PERCENTILE,
+    TILES_CSV,
+    DatasetLayoutError,
+    VaihingenPaths,
+    assign_splits,
+    build_tiles,
+    read_tiles_table,
+    vaihingen_areas,
+)
+from aerialseg.datasets.synthetic import BUILDING, IMPERVIOUS, LOW_VEGETATION, erode_label
+from aerialseg.raster import GeoReference, RasterError, read_raster, write_raster
+
+AREAS = [1, 2, 3, 4]
+EXPECTED_SPLITS = {1: "train", 2: "train", 3: "val", 4: "test"}
+SIZE = 128
+
+
+def read_band_names(path: Path) -> tuple[str | None, ...]:
+    with rasterio.open(path) as src:
+        return tuple(src.descriptions)
+
+
+def assert_no_output(out_dir: Path) -> None:
+    """Neither the output folder nor a temporary sibling of it is left behind."""
+    assert not out_dir.exists()
+    leftovers = list(out_dir.parent.iterdir()) if out_dir.parent.exists() else []
+    assert leftovers == []
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    # A folder of its own, so that any temporary sibling would be seen.
+    return tmp_path / "out" / "tiles"
+
+
+# --------------------------------------------------------------------------------------
+# The table
+
+
+def test_table_has_one_row_per_area_split_by_area(synthetic_tiles: Path) -> None:
+    table = read_tiles_table(synthetic_tiles)
+    assert table["area"].tolist() == AREAS
+    assert table["tile"].tolist() == [f"area{a}" for a in AREAS]
+    assert dict(zip(table["area"], table["split"], strict=True)) == EXPECTED_SPLITS
+    assert (table["height"] == SIZE).all() and (table["width"] == SIZE).all()
+    for column in ("image", "label", "label_eroded"):
+        assert all((synthetic_tiles / name).is_file() for name in table[column])
+    # Nothing but the table and three rasters per area.
+    assert len(list(synthetic_tiles.iterdir())) == 1 + 3 * len(AREAS)
+
+
+def test_read_tiles_table_by_split(synthetic_tiles: Path) -> None:
+    assert read_tiles_table(synthetic_tiles, "train")["area"].tolist() == [1, 2]
+    assert read_tiles_table(synthetic_tiles, "val")["area"].tolist() == [3]
+    assert read_tiles_table(synthetic_tiles, "test")["area"].tolist() == [4]
+    with pytest.raises(DatasetLayoutError, match="bogus"):
+        read_tiles_table(synthetic_tiles, "bogus")
+
+
+def test_read_tiles_table_without_table(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=TILES_CSV):
+        read_tiles_table(tmp_path)
+
+
+def test_build_tiles_returns_the_written_table(
+    synthetic_raw: Path, data_config: DataConfig, tmp_path: Path
+) -> None:
+    table = build_tiles(synthetic_raw, tmp_path / "tiles", data_config)
+    pd.testing.assert_frame_equal(table, read_tiles_table(tmp_path / "tiles"), check_dtype=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]
+
+
+# --------------------------------------------------------------------------------------
+# The rasters
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_image_bands(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> None:
+    raw = VaihingenPaths.of(synthetic_raw, area)
+    image, georef = read_raster(synthetic_tiles / f"area{area}_image.tif")
+    top, top_georef = read_raster(raw.top)
+    dsm, _ = read_raster(raw.dsm)
+    assert image.dtype == np.float32
+    assert image.shape == (4, SIZE, SIZE)
+    assert read_band_names(synthetic_tiles / f"area{area}_image.tif") == ("ir", "r", "g", "dsm")
+    # IR, R, G: reflectance in [0, 1], in the order of the orthophoto.
+    spectral = image[:3]
+    assert spectral.min() >= 0.0 and spectral.max() <= 1.0
+    np.testing.assert_allclose(spectral, top.astype(np.float32) / 255.0, rtol=0, atol=1e-6)
+    # DSM: height above the tile's ground, in metres.
+    np.testing.assert_allclose(image[3], dsm[0] - np.percentile(dsm[0], DSM_GROUND_PERCENTILE), atol=1e-4)
+    assert abs(np.percentile(image[3], DSM_GROUND_PERCENTILE)) < 1e-3
+    assert georef == top_georef
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_dsm_is_height_above_ground(synthetic_tiles: Path, area: int) -> None:
+    image, _ = read_raster(synthetic_tiles / f"area{area}_image.tif")
+    label, _ = read_raster(synthetic_tiles / f"area{area}_label.tif")
+    height, label = image[3], label[0]
+    ground = np.isin(label, [IMPERVIOUS, LOW_VEGETATION])
+    # Roofs stand metres above the streets and lawns (which follow a gently varying terrain).
+    assert np.median(height[ground]) < 2.0
+    assert np.median(height[label == BUILDING]) > np.median(height[ground]) + 4.0
+    # Above ground: nothing much below the ground level, whatever the terrain's elevation.
+    assert height.min() > -1.0
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_georeference_is_the_raw_one(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> None:
+    with rasterio.open(VaihingenPaths.of(synthetic_raw, area).top) as src:
+        crs, transform = src.crs, src.transform
+    assert crs is not None
+    for kind in ("image", "label", "label_eroded"):
+        with rasterio.open(synthetic_tiles / f"area{area}_{kind}.tif") as tile:
+            assert tile.crs == crs
+            assert tile.transform == transform
+            assert (tile.height, tile.width) == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_labels(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> None:
+    raw = VaihingenPaths.of(synthetic_raw, area)
+    label, _ = read_raster(synthetic_tiles / f"area{area}_label.tif")
+    eroded, _ = read_raster(synthetic_tiles / f"area{area}_label_eroded.tif")
+    assert label.dtype == np.uint8 and eroded.dtype == np.uint8
+    assert label.shape == eroded.shape == (1, SIZE, SIZE)
+    label, eroded = label[0], eroded[0]
+    assert set(np.unique(label).tolist()) <= set(range(NUM_CLASSES))
+    assert set(np.unique(eroded).tolist()) <= set(range(NUM_CLASSES)) | {IGNORE_INDEX}
+    assert (eroded == IGNORE_INDEX).any()
+    assert (eroded != IGNORE_INDEX).mean() > 0.3
+    kept = eroded != IGNORE_INDEX
+    np.testing.assert_array_equal(eroded[kept], label[kept])
+    # Decoded from the raw colours, pixel for pixel.
+    raw_label, _ = read_raster(raw.label)
+    np.testing.assert_array_equal(label, colours_to_index(np.moveaxis(raw_label, 0, -1)))
+    np.testing.assert_array_equal(eroded, erode_label(label))
+
+
+def test_band_selection_and_order(synthetic_raw: Path, synthetic_tiles: Path, tmp_path: Path) -> None:
+    data = DataConfig(bands=("dsm", "g"), val_tiles=(3,), test_tiles=(4,))
+    build_tiles(synthetic_raw, tmp_path / "tiles", data)
+    image, _ = read_raster(tmp_path / "tiles" / "area2_image.tif")
+    full, _ = read_raster(synthetic_tiles / "area2_image.tif")
+    assert image.shape == (2, SIZE, SIZE)
+    assert read_band_names(tmp_path / "tiles" / "area2_image.tif") == ("dsm", "g")
+    np.testing.assert_array_equal(image[0], full[3])
+    np.testing.assert_array_equal(image[1], full[2])
+
+
+def test_rebuild_replaces_existing_output(
+    synthetic_raw: Path, data_config: DataConfig, out_dir: Path
+) -> None:
+    out_dir.mkdir(parents=True)
+    (out_dir / "stale.txt").write_text("from an earlier run")
+    build_tiles(synthetic_raw, out_dir, data_config)
+    assert not (out_dir / "stale.txt").exists()
+    assert read_tiles_table(out_dir)["area"].tolist() == AREAS
+    assert [p.name for p in out_dir.parent.iterdir()] == ["tiles"]
+
+
+# --------------------------------------------------------------------------------------
+# Areas and splits
+
+
+def test_vaihingen_areas_ignores_other_files(raw_copy: Path) -> None:
+    (raw_copy / "top" / "readme.txt").write_text("not a tile")
+    (raw_copy / "top" / "top_mosaic_09cm_area7.tif.aux.xml").write_text("<xml/>")
+    assert vaihingen_areas(raw_copy) == AREAS
+
+
+def test_vaihingen_areas_sorts_numerically(raw_copy: Path) -> None:
+    for area in (10, 21):
+        (raw_copy / "top" / f"top_mosaic_09cm_area{area}.tif").write_bytes(b"")
+    (raw_copy / "top" / "top_mosaic_09cm_area1.tif").rename(raw_copy / "top" / "top_mosaic_09cm_area11.tif")
+    assert vaihingen_areas(raw_copy) == [2, 3, 4, 10, 11, 21]
+
+
+def test_empty_top_folder(tmp_path: Path) -> None:
+    (tmp_path / "raw" / "top").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="top_mosaic_09cm_area"):
+        vaihingen_areas(tmp_path / "raw")
+
+
+def test_assign_splits() -> None:
+    data = DataConfig(val_tiles=(3,), test_tiles=(4, 5))
+    assert assign_splits([1, 2, 3, 4, 5], data) == {1: "train", 2: "train", 3: "val", 4: "test", 5: "test"}
+
+
+# --------------------------------------------------------------------------------------
+# Errors leave nothing behind
+
+
+def test_missing_top_folder(tmp_path: Path, data_config: DataConfig, out_dir: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with pytest.raises(DatasetLayoutError) as info:
+        build_tiles(raw, out_dir, data_config)
+    assert str(raw) in str(info.value)
+    assert "top/" in str(info.value)
+    assert_no_output(out_dir)
+
+
+def test_missing_dsm(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
+    # The last area: three areas are converted before the error.
+    dsm = VaihingenPaths.of(raw_copy, 4).dsm
+    dsm.unlink()
+    with pytest.raises(DatasetLayoutError) as info:
+        build_tiles(raw_copy, out_dir, data_config)
+    assert str(dsm) in str(info.value)
+    assert "area 4" in str(info.value)
+    assert_no_output(out_dir)
+
+
+@pytest.mark.parametrize("kind", ["label", "label_eroded"])
+def test_missing_label(raw_copy: Path, data_config: DataConfig, out_dir: Path, kind: str) -> None:
+    path = getattr(VaihingenPaths.of(raw_copy, 2), kind)
+    path.unlink()
+    with pytest.raises(DatasetLayoutError, match=re.escape(str(path))):
+        build_tiles(raw_copy, out_dir, data_config)
+    assert_no_output(out_dir)
+
+
+def test_dsm_of_another_size(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
+    paths = VaihingenPaths.of(raw_copy, 3)
+    dsm, georef = read_raster(paths.dsm)
+    write_raster(paths.dsm, dsm[:, :, :96], georef)
+    with pytest.raises(RasterError) as info:
+        build_tiles(raw_copy, out_dir, data_config)
+    message = str(info.value)
+    assert str(paths.dsm) in message
+    assert f"expected (1, {SIZE}, {SIZE})" in message
+    assert f"(1, {SIZE}, 96)" in message
+    assert_no_output(out_dir)
+
+
+def test_label_on_another_grid(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
+    paths = VaihingenPaths.of(raw_copy, 2)
+    label, georef = read_raster(paths.label)
+    shifted = GeoReference(georef.crs, georef.transform @ georef.transform.translation(5, 0))
+    write_raster(paths.label, label, shifted)
+    with pytest.raises(RasterError, match=re.escape(str(paths.label))):
+        build_tiles(raw_copy, out_dir, data_config)
+    assert_no_output(out_dir)
+
+
+@pytest.mark.parametrize("kind", ["label", "label_eroded"])
+def test_unknown_colour_in_label(raw_copy: Path, data_config: DataConfig, out_dir: Path, kind: str) -> None:
+    path = getattr(VaihingenPaths.of(raw_copy, 3), kind)
+    rgb, georef = read_raster(path)
+    rgb[:, 10:13, 20:25] = np.array([12, 34, 56], dtype=np.uint8)[:, None, None]
+    write_raster(path, rgb, georef)
+    with pytest.raises(UnknownColourError) as info:
+        build_tiles(raw_copy, out_dir, data_config)
+    message = str(info.value)
+    assert str(path) in message
+    assert "(12, 34, 56): 15 px" in message
+    assert_no_output(out_dir)
+
+
+def test_boundary_black_in_full_label_is_an_error(
+    raw_copy: Path, data_config: DataConfig, out_dir: Path
+) -> None:
+    # Black is only allowed in the eroded ground truth.
+    path = VaihingenPaths.of(raw_copy, 1).label
+    rgb, georef = read_raster(path)
+    rgb[:, 0, :4] = 0
+    write_raster(path, rgb, georef)
+    with pytest.raises(UnknownColourError, match=r"\(0, 0, 0\): 4 px"):
+        build_tiles(raw_copy, out_dir, data_config)
+    assert_no_output(out_dir)
+
+
+@pytest.mark.parametrize(
+    ("val", "test", "missing"), [((9,), (4,), "[9]"), ((3,), (4, 5, 6), "[5, 6]"), ((0,), (7,), "[0, 7]")]
+)
+def test_split_names_missing_areas(
+    synthetic_raw: Path, out_dir: Path, val: tuple[int, ...], test: tuple[int, ...], missing: str
+) -> None:
+    with pytest.raises(DatasetLayoutError) as info:
+        build_tiles(synthetic_raw, out_dir, DataConfig(val_tiles=val, test_tiles=test))
+    assert missing in str(info.value)
+    assert "[1, 2, 3, 4]" in str(info.value)
+    assert_no_output(out_dir)
+
+
+def test_every_area_in_val_or_test(synthetic_raw: Path, out_dir: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match="train split is empty"):
+        build_tiles(synthetic_raw, out_dir, DataConfig(val_tiles=(1, 2), test_tiles=(3, 4)))
+    assert_no_output(out_dir)
+
+
+def test_failed_rebuild_keeps_previous_output(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
+    build_tiles(raw_copy, out_dir, data_config)
+    before = sorted(p.name for p in out_dir.iterdir())
+    VaihingenPaths.of(raw_copy, 4).dsm.unlink()
+    with pytest.raises(DatasetLayoutError):
+        build_tiles(raw_copy, out_dir, data_config)
+    assert sorted(p.name for p in out_dir.iterdir()) == before
+    assert read_tiles_table(out_dir)["area"].tolist() == AREAS
+    assert [p.name for p in out_dir.parent.iterdir()] == ["tiles"]
