@@ -1,0 +1,98 @@
+"""`train()` called directly, as a stage would: checkpoint, history, MLflow run; fp32 and bf16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from aerialseg.checkpoint import load_checkpoint
+from aerialseg.config import Params
+from aerialseg.datasets.isprs import read_tiles_table
+from aerialseg.patches import band_statistics, write_patches
+from aerialseg.training import resolve_precision, train
+
+
+@pytest.fixture(scope="module")
+def patches_dir(synthetic_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("patches")
+    train_tiles = read_tiles_table(synthetic_tiles, "train")
+    stats = band_statistics([synthetic_tiles / name for name in train_tiles["image"]])
+    for split in ("train", "val"):
+        tiles = read_tiles_table(synthetic_tiles, split)
+        write_patches(
+            tiles,
+            synthetic_tiles,
+            out / f"{split}.h5",
+            size=64,
+            overlap=0.5,
+            stats=stats,
+            bands=["ir", "r", "g", "dsm"],
+        )
+    return out
+
+
+def _params(patches_dir: Path, models: Path, precision: str) -> Params:
+    return Params.model_validate(
+        {
+            "paths": {"patches": str(patches_dir), "models": str(models)},
+            "data": {"val_tiles": [3], "test_tiles": [4]},
+            "patches": {"size": 64},
+            "model": {"encoder": "resnet18"},
+            "train": {
+                "epochs": 2,
+                "batch_size": 4,
+                "num_workers": 0,
+                "limit_train_batches": 2,
+                "precision": precision,
+                "accelerator": "cpu",
+            },
+            "tracking": {"experiment": "unit"},
+        }
+    )
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_train_writes_checkpoint_history_and_one_mlflow_run(
+    patches_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _params(patches_dir, tmp_path / "models", precision)
+
+    metrics = train(params)
+
+    assert metrics["epoch"] == 1.0 and 0.0 <= metrics["val_overall_accuracy"] <= 1.0
+    assert metrics["train_seconds"] > 0
+    history = pd.read_csv(tmp_path / "models" / "history.csv")
+    assert list(history["epoch"]) == [0, 1]
+    assert {"train_loss", "val_loss", "val_overall_accuracy", "val_mean_f1", "val_miou"} <= set(history)
+
+    model, meta = load_checkpoint(tmp_path / "models" / "model.ckpt")
+    assert meta["bands"] == ["ir", "r", "g", "dsm"] and meta["patch_size"] == 64
+    assert meta["config"]["train"]["precision"] == precision
+    with torch.no_grad():
+        out = model(torch.zeros(1, 4, 64, 64))
+    assert out.shape == (1, 6, 64, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+    # The default store is the SQLite file in the working directory (the project root under DVC).
+    ref = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([ref["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [ref["run_id"]]
+    assert runs[0].data.params["train.precision_resolved"] == precision
+    assert "evaluate.overlap" not in runs[0].data.params
+
+
+def test_auto_precision_is_fp32_on_cpus_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("aerialseg.training.cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "32"
+    monkeypatch.setattr("aerialseg.training.cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16-mixed"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
