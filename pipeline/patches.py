@@ -1,7 +1,7 @@
 """DVC stage `patches`: train and val tiles -> overlapped windows in data/patches/{train,val}.h5."""
 
 from aerialseg.config import load_params
-from aerialseg.datasets.isprs import read_tiles_table
+from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.patches import band_statistics, write_patches
 
 

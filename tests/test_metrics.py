@@ -57,6 +57,10 @@ def test_scores_match_sklearn(seed: int) -> None:
     assert result["kappa"] == pytest.approx(skm.cohen_kappa_score(t, p))
     assert result["mean_f1"] == pytest.approx(f1.mean())
     assert result["miou"] == pytest.approx(iou.mean())
+    # The benchmark's 5-class means: every class but clutter (the last).
+    assert CLASS_NAMES[-1] == "clutter"
+    assert result["mean_f1_5"] == pytest.approx(f1[:-1].mean())
+    assert result["miou_5"] == pytest.approx(iou[:-1].mean())
     for i, name in enumerate(CLASS_NAMES):
         row = result["per_class"][name]
         assert row["support"] == support[i]
@@ -172,3 +176,16 @@ def test_mean_over_skips_none() -> None:
     per_class = {"a": {"f1": 0.5}, "b": {"f1": None}, "c": {"f1": 1.0}}
     assert mean_over(per_class, "f1", ["a", "b", "c"]) == pytest.approx(0.75)
     assert mean_over(per_class, "f1", ["b"]) is None
+
+
+def test_clutter_counts_in_overall_accuracy_but_not_in_5_class_means() -> None:
+    # Two pixels per class; every clutter pixel is wrong, everything else right.
+    target = np.repeat(np.arange(NUM_CLASSES), 2)
+    pred = np.where(target == 5, 0, target)
+    result = scores(confusion_matrix(pred, target))
+    assert result["overall_accuracy"] == pytest.approx(10 / 12)
+    assert result["per_class"]["clutter"]["f1"] == 0.0
+    assert result["mean_f1"] < result["mean_f1_5"]
+    # Impervious gained two false positives: F1 = 2*2 / (2*2 + 2) = 2/3; the other four are perfect.
+    assert result["mean_f1_5"] == pytest.approx((2 / 3 + 4) / 5)
+    assert result["miou_5"] == pytest.approx((0.5 + 4) / 5)

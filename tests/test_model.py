@@ -122,3 +122,52 @@ def test_imagenet_offline_without_cache_fails_at_once(
         build_model(ARGS, weights="imagenet")
     message = str(info.value)
     assert "resnet18" in message and "local weights file" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_fcn_skip_sums_upsampled_scores_of_strides_8_16_32() -> None:
+    torch.manual_seed(0)
+    args = model_args("fcn_skip", "resnet18", in_channels=4, num_classes=6)
+    net = build_model(args).eval()
+    x = torch.randn(1, 4, 64, 96)
+    with torch.no_grad():
+        out = net(x)
+        features = net.encoder(x)
+        strides = [64 // features[i].shape[-2] for i in net.STAGES]
+        expected = sum(
+            torch.nn.functional.interpolate(head(features[i]), size=(64, 96), mode="bilinear")
+            for head, i in zip(net.heads, net.STAGES, strict=True)
+        )
+    assert strides == [8, 16, 32]
+    assert out.shape == (1, 6, 64, 96)
+    torch.testing.assert_close(out, expected)
+    # And it trains: gradients reach the first convolution.
+    net.train()
+    net(x).sum().backward()
+    assert net.encoder.conv1.weight.grad is not None
+
+
+def test_fcn_skip_checkpoint_round_trip_and_local_weights(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = smp.create_model("fpn", encoder_name="resnet18", encoder_weights=None, in_channels=3, classes=6)
+    path = tmp_path / "encoder.pth"
+    torch.save(source.encoder.state_dict(), path)
+    args = model_args("fcn_skip", "resnet18", in_channels=3, num_classes=6)
+    net = build_model(args, weights=str(path))
+    torch.testing.assert_close(
+        net.encoder.state_dict()["layer2.0.conv1.weight"],
+        source.encoder.state_dict()["layer2.0.conv1.weight"],
+    )
+    save_checkpoint(
+        tmp_path / "m.ckpt",
+        net,
+        args,
+        bands=["ir", "r", "g"],
+        stats=BandStats((0, 0, 0), (1, 1, 1)),
+        patch_size=64,
+        config={},
+        metrics={},
+    )
+    rebuilt, _ = load_checkpoint(tmp_path / "m.ckpt")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), net.eval()(x))

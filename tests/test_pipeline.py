@@ -81,8 +81,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_metrics_file_has_the_isprs_figures(project: Path) -> None:
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    for key in ("overall_accuracy", "mean_f1", "miou", "kappa"):
-        assert 0.0 <= metrics[key] <= 1.0 or (key == "kappa" and -1.0 <= metrics[key] <= 1.0)
+    for key in ("overall_accuracy", "mean_f1", "miou", "mean_f1_5", "miou_5", "overall_accuracy_full"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert -1.0 <= metrics["kappa"] <= 1.0
+    assert metrics["tiles"]["area4"]["overall_accuracy_full"] == metrics["overall_accuracy_full"]
     assert set(metrics["per_class"]) >= {"impervious_surfaces", "building", "low_vegetation", "tree", "car"}
     assert set(metrics["per_class"]["building"]) == {"support", "precision", "recall", "f1", "iou"}
     assert list(metrics["tiles"]) == ["area4"]

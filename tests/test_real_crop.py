@@ -5,6 +5,7 @@ Skipped where the folder is absent.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,11 @@ import rasterio
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES, colours_to_index, index_to_colours
 from aerialseg.windows import window_grid
 
-CROP = Path(__file__).resolve().parents[2] / "shared" / "data" / "isprs-vaihingen-crop"
+# ../shared/data/isprs-vaihingen-crop beside the project, or wherever AERIALSEG_ISPRS_CROP points.
+CROP = Path(
+    os.environ.get("AERIALSEG_ISPRS_CROP")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "isprs-vaihingen-crop"
+)
 pytestmark = pytest.mark.skipif(not CROP.is_dir(), reason=f"{CROP} is not available here")
 
 

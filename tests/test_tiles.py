@@ -1,4 +1,7 @@
-"""The official raw layout -> model-ready tiles, split by whole area."""
+"""The Vaihingen participant layout (what the synthetic scenes are written in) -> model-ready tiles.
+
+The official zip archives, Potsdam and the official split are tested in test_isprs_archives.py.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +15,27 @@ import rasterio
 
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES, UnknownColourError, colours_to_index
 from aerialseg.config import DataConfig
+from aerialseg.datasets.heights import DSM_GROUND_PERCENTILE
 from aerialseg.datasets.isprs import (
-    DSM_GROUND_PERCENTILE,
     TILES_CSV,
     DatasetLayoutError,
-    VaihingenPaths,
     assign_splits,
     build_tiles,
     read_tiles_table,
-    vaihingen_areas,
 )
-from aerialseg.datasets.synthetic import BUILDING, IMPERVIOUS, LOW_VEGETATION, erode_label
+from aerialseg.datasets.isprs_files import find_tiles
+from aerialseg.datasets.isprs_layout import VAIHINGEN
+from aerialseg.datasets.synthetic import BUILDING, IMPERVIOUS, LOW_VEGETATION, erode_label, vaihingen_files
 from aerialseg.raster import GeoReference, RasterError, read_raster, write_raster
 
 AREAS = [1, 2, 3, 4]
-EXPECTED_SPLITS = {1: "train", 2: "train", 3: "val", 4: "test"}
+TILE_IDS = [str(a) for a in AREAS]
+EXPECTED_SPLITS = {"1": "train", "2": "train", "3": "val", "4": "test"}
 SIZE = 128
+
+
+def vaihingen_areas(raw_dir: Path) -> list[int]:
+    return [int(tile_id) for tile_id in find_tiles(raw_dir, VAIHINGEN)]
 
 
 def read_band_names(path: Path) -> tuple[str | None, ...]:
@@ -54,9 +62,11 @@ def out_dir(tmp_path: Path) -> Path:
 
 def test_table_has_one_row_per_area_split_by_area(synthetic_tiles: Path) -> None:
     table = read_tiles_table(synthetic_tiles)
-    assert table["area"].tolist() == AREAS
+    assert table["tile_id"].tolist() == TILE_IDS
     assert table["tile"].tolist() == [f"area{a}" for a in AREAS]
-    assert dict(zip(table["area"], table["split"], strict=True)) == EXPECTED_SPLITS
+    assert dict(zip(table["tile_id"], table["split"], strict=True)) == EXPECTED_SPLITS
+    assert (table["ndsm_source"] == "none").all()
+    assert (table["snapped_pixels"] == 0).all() and (table["snapped_pixels_eroded"] == 0).all()
     assert (table["height"] == SIZE).all() and (table["width"] == SIZE).all()
     for column in ("image", "label", "label_eroded"):
         assert all((synthetic_tiles / name).is_file() for name in table[column])
@@ -65,9 +75,9 @@ def test_table_has_one_row_per_area_split_by_area(synthetic_tiles: Path) -> None
 
 
 def test_read_tiles_table_by_split(synthetic_tiles: Path) -> None:
-    assert read_tiles_table(synthetic_tiles, "train")["area"].tolist() == [1, 2]
-    assert read_tiles_table(synthetic_tiles, "val")["area"].tolist() == [3]
-    assert read_tiles_table(synthetic_tiles, "test")["area"].tolist() == [4]
+    assert read_tiles_table(synthetic_tiles, "train")["tile_id"].tolist() == ["1", "2"]
+    assert read_tiles_table(synthetic_tiles, "val")["tile_id"].tolist() == ["3"]
+    assert read_tiles_table(synthetic_tiles, "test")["tile_id"].tolist() == ["4"]
     with pytest.raises(DatasetLayoutError, match="bogus"):
         read_tiles_table(synthetic_tiles, "bogus")
 
@@ -91,10 +101,10 @@ def test_build_tiles_returns_the_written_table(
 
 @pytest.mark.parametrize("area", AREAS)
 def test_image_bands(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> None:
-    raw = VaihingenPaths.of(synthetic_raw, area)
+    raw = vaihingen_files(synthetic_raw, area)
     image, georef = read_raster(synthetic_tiles / f"area{area}_image.tif")
-    top, top_georef = read_raster(raw.top)
-    dsm, _ = read_raster(raw.dsm)
+    top, top_georef = read_raster(raw["top"])
+    dsm, _ = read_raster(raw["dsm"])
     assert image.dtype == np.float32
     assert image.shape == (4, SIZE, SIZE)
     assert read_band_names(synthetic_tiles / f"area{area}_image.tif") == ("ir", "r", "g", "dsm")
@@ -123,7 +133,7 @@ def test_dsm_is_height_above_ground(synthetic_tiles: Path, area: int) -> None:
 
 @pytest.mark.parametrize("area", AREAS)
 def test_georeference_is_the_raw_one(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> None:
-    with rasterio.open(VaihingenPaths.of(synthetic_raw, area).top) as src:
+    with rasterio.open(vaihingen_files(synthetic_raw, area)["top"]) as src:
         crs, transform = src.crs, src.transform
     assert crs is not None
     for kind in ("image", "label", "label_eroded"):
@@ -135,7 +145,7 @@ def test_georeference_is_the_raw_one(synthetic_raw: Path, synthetic_tiles: Path,
 
 @pytest.mark.parametrize("area", AREAS)
 def test_labels(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> None:
-    raw = VaihingenPaths.of(synthetic_raw, area)
+    raw = vaihingen_files(synthetic_raw, area)
     label, _ = read_raster(synthetic_tiles / f"area{area}_label.tif")
     eroded, _ = read_raster(synthetic_tiles / f"area{area}_label_eroded.tif")
     assert label.dtype == np.uint8 and eroded.dtype == np.uint8
@@ -148,7 +158,7 @@ def test_labels(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> None:
     kept = eroded != IGNORE_INDEX
     np.testing.assert_array_equal(eroded[kept], label[kept])
     # Decoded from the raw colours, pixel for pixel.
-    raw_label, _ = read_raster(raw.label)
+    raw_label, _ = read_raster(raw["gts"])
     np.testing.assert_array_equal(label, colours_to_index(np.moveaxis(raw_label, 0, -1)))
     np.testing.assert_array_equal(eroded, erode_label(label))
 
@@ -171,7 +181,7 @@ def test_rebuild_replaces_existing_output(
     (out_dir / "stale.txt").write_text("from an earlier run")
     build_tiles(synthetic_raw, out_dir, data_config)
     assert not (out_dir / "stale.txt").exists()
-    assert read_tiles_table(out_dir)["area"].tolist() == AREAS
+    assert read_tiles_table(out_dir)["tile_id"].tolist() == TILE_IDS
     assert [p.name for p in out_dir.parent.iterdir()] == ["tiles"]
 
 
@@ -200,7 +210,13 @@ def test_empty_top_folder(tmp_path: Path) -> None:
 
 def test_assign_splits() -> None:
     data = DataConfig(val_tiles=(3,), test_tiles=(4, 5))
-    assert assign_splits([1, 2, 3, 4, 5], data) == {1: "train", 2: "train", 3: "val", 4: "test", 5: "test"}
+    splits = assign_splits(["1", "2", "3", "4", "5"], data)
+    assert splits == {"1": "train", "2": "train", "3": "val", "4": "test", "5": "test"}
+
+
+def test_assign_splits_with_train_tiles_skips_the_rest() -> None:
+    data = DataConfig(train_tiles=("1",), val_tiles=("03",), test_tiles=(4,))
+    assert assign_splits(["1", "2", "3", "4", "5"], data) == {"1": "train", "3": "val", "4": "test"}
 
 
 # --------------------------------------------------------------------------------------
@@ -218,51 +234,51 @@ def test_missing_top_folder(tmp_path: Path, data_config: DataConfig, out_dir: Pa
 
 
 def test_missing_dsm(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
-    # The last area: three areas are converted before the error.
-    dsm = VaihingenPaths.of(raw_copy, 4).dsm
+    # The last area: every file is checked before any tile is converted.
+    dsm = vaihingen_files(raw_copy, 4)["dsm"]
     dsm.unlink()
     with pytest.raises(DatasetLayoutError) as info:
         build_tiles(raw_copy, out_dir, data_config)
-    assert str(dsm) in str(info.value)
-    assert "area 4" in str(info.value)
+    assert str(raw_copy) in str(info.value)
+    assert "area4: missing dsm/dsm_09cm_matching_area4.tif" in str(info.value)
     assert_no_output(out_dir)
 
 
-@pytest.mark.parametrize("kind", ["label", "label_eroded"])
+@pytest.mark.parametrize("kind", ["gts", "gts_eroded"])
 def test_missing_label(raw_copy: Path, data_config: DataConfig, out_dir: Path, kind: str) -> None:
-    path = getattr(VaihingenPaths.of(raw_copy, 2), kind)
+    path = vaihingen_files(raw_copy, 2)[kind]
     path.unlink()
-    with pytest.raises(DatasetLayoutError, match=re.escape(str(path))):
+    with pytest.raises(DatasetLayoutError, match=re.escape(f"area2: missing {path.name}")):
         build_tiles(raw_copy, out_dir, data_config)
     assert_no_output(out_dir)
 
 
 def test_dsm_of_another_size(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
-    paths = VaihingenPaths.of(raw_copy, 3)
-    dsm, georef = read_raster(paths.dsm)
-    write_raster(paths.dsm, dsm[:, :, :96], georef)
+    path = vaihingen_files(raw_copy, 3)["dsm"]
+    dsm, georef = read_raster(path)
+    write_raster(path, dsm[:, :, :96], georef)
     with pytest.raises(RasterError) as info:
         build_tiles(raw_copy, out_dir, data_config)
     message = str(info.value)
-    assert str(paths.dsm) in message
-    assert f"expected (1, {SIZE}, {SIZE})" in message
-    assert f"(1, {SIZE}, 96)" in message
+    assert str(path) in message
+    assert f"the DSM is 96 x {SIZE} px" in message
+    assert f"is {SIZE} x {SIZE} px" in message
     assert_no_output(out_dir)
 
 
 def test_label_on_another_grid(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
-    paths = VaihingenPaths.of(raw_copy, 2)
-    label, georef = read_raster(paths.label)
+    path = vaihingen_files(raw_copy, 2)["gts"]
+    label, georef = read_raster(path)
     shifted = GeoReference(georef.crs, georef.transform @ georef.transform.translation(5, 0))
-    write_raster(paths.label, label, shifted)
-    with pytest.raises(RasterError, match=re.escape(str(paths.label))):
+    write_raster(path, label, shifted)
+    with pytest.raises(RasterError, match=re.escape(str(path))):
         build_tiles(raw_copy, out_dir, data_config)
     assert_no_output(out_dir)
 
 
-@pytest.mark.parametrize("kind", ["label", "label_eroded"])
+@pytest.mark.parametrize("kind", ["gts", "gts_eroded"])
 def test_unknown_colour_in_label(raw_copy: Path, data_config: DataConfig, out_dir: Path, kind: str) -> None:
-    path = getattr(VaihingenPaths.of(raw_copy, 3), kind)
+    path = vaihingen_files(raw_copy, 3)[kind]
     rgb, georef = read_raster(path)
     rgb[:, 10:13, 20:25] = np.array([12, 34, 56], dtype=np.uint8)[:, None, None]
     write_raster(path, rgb, georef)
@@ -278,7 +294,7 @@ def test_boundary_black_in_full_label_is_an_error(
     raw_copy: Path, data_config: DataConfig, out_dir: Path
 ) -> None:
     # Black is only allowed in the eroded ground truth.
-    path = VaihingenPaths.of(raw_copy, 1).label
+    path = vaihingen_files(raw_copy, 1)["gts"]
     rgb, georef = read_raster(path)
     rgb[:, 0, :4] = 0
     write_raster(path, rgb, georef)
@@ -288,7 +304,12 @@ def test_boundary_black_in_full_label_is_an_error(
 
 
 @pytest.mark.parametrize(
-    ("val", "test", "missing"), [((9,), (4,), "[9]"), ((3,), (4, 5, 6), "[5, 6]"), ((0,), (7,), "[0, 7]")]
+    ("val", "test", "missing"),
+    [
+        ((9,), (4,), "data.val_tiles [9]"),
+        ((3,), (4, 5, 6), "data.test_tiles [5, 6]"),
+        ((0,), (7,), "data.val_tiles [0] and data.test_tiles [7]"),
+    ],
 )
 def test_split_names_missing_areas(
     synthetic_raw: Path, out_dir: Path, val: tuple[int, ...], test: tuple[int, ...], missing: str
@@ -296,7 +317,7 @@ def test_split_names_missing_areas(
     with pytest.raises(DatasetLayoutError) as info:
         build_tiles(synthetic_raw, out_dir, DataConfig(val_tiles=val, test_tiles=test))
     assert missing in str(info.value)
-    assert "[1, 2, 3, 4]" in str(info.value)
+    assert "available: [1, 2, 3, 4]" in str(info.value)
     assert_no_output(out_dir)
 
 
@@ -309,9 +330,9 @@ def test_every_area_in_val_or_test(synthetic_raw: Path, out_dir: Path) -> None:
 def test_failed_rebuild_keeps_previous_output(raw_copy: Path, data_config: DataConfig, out_dir: Path) -> None:
     build_tiles(raw_copy, out_dir, data_config)
     before = sorted(p.name for p in out_dir.iterdir())
-    VaihingenPaths.of(raw_copy, 4).dsm.unlink()
+    vaihingen_files(raw_copy, 4)["dsm"].unlink()
     with pytest.raises(DatasetLayoutError):
         build_tiles(raw_copy, out_dir, data_config)
     assert sorted(p.name for p in out_dir.iterdir()) == before
-    assert read_tiles_table(out_dir)["area"].tolist() == AREAS
+    assert read_tiles_table(out_dir)["tile_id"].tolist() == TILE_IDS
     assert [p.name for p in out_dir.parent.iterdir()] == ["tiles"]

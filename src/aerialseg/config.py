@@ -10,13 +10,19 @@ from pathlib import Path
 from typing import Annotated, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SPECTRAL_BANDS = ("ir", "r", "g")
+SPECTRAL_BANDS = ("ir", "r", "g", "b")
 """Bands that hold reflectance: photometric augmentation touches these and nothing else."""
-HEIGHT_BANDS = ("dsm",)
-BANDS = SPECTRAL_BANDS + HEIGHT_BANDS
-Band = Literal["ir", "r", "g", "dsm"]
+HEIGHT_BANDS = ("dsm", "ndsm")
+Band = Literal["ir", "r", "g", "b", "dsm", "ndsm"]
+Source = Literal["synthetic", "vaihingen", "potsdam"]
+SOURCE_BANDS: dict[str, tuple[str, ...]] = {
+    "synthetic": ("ir", "r", "g", "dsm", "ndsm"),
+    "vaihingen": ("ir", "r", "g", "dsm", "ndsm"),
+    "potsdam": ("r", "g", "b", "ir", "dsm", "ndsm"),
+}
+"""The bands each dataset has (nDSM derived from the DSM where the archive lacks it)."""
 
 Optimizer = Literal["sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamax", "adamw"]
 Precision = Literal["auto", "32", "bf16-mixed", "16-mixed"]
@@ -43,22 +49,55 @@ class SyntheticConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "vaihingen"] = "synthetic"
+    source: Source = "synthetic"
+    raw_dir: Path = Path("data/raw/synthetic")
+    """Where the official zips or extracted folders are (the `scenes` stage writes data/raw/synthetic)."""
     bands: tuple[Band, ...] = ("ir", "r", "g", "dsm")
-    val_tiles: tuple[int, ...] = ()
-    test_tiles: tuple[int, ...] = ()
+    split: Literal["custom", "official"] = "custom"
+    """official: the benchmark's train/test areas (val_tiles held out of train); custom: the lists below."""
+    train_tiles: tuple[str, ...] | None = None
+    """custom split only; null = every tile not in val_tiles or test_tiles."""
+    val_tiles: tuple[str, ...] = ()
+    test_tiles: tuple[str, ...] = ()
+    colour_tolerance: Annotated[int, Field(ge=0, le=64)] = 0
+    """Label colours within this distance (max over R, G, B) of a legend colour are snapped to it."""
+
+    @field_validator("train_tiles", "val_tiles", "test_tiles", mode="before")
+    @classmethod
+    def _tile_ids_as_text(cls, value: object) -> object:
+        # Vaihingen areas are numbers (15), Potsdam tiles are "2_10": one type for both.
+        if isinstance(value, list | tuple):
+            return tuple(str(v) for v in value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if not self.bands:
-            raise ValueError("data.bands: choose at least one of " + ", ".join(BANDS))
+            raise ValueError("data.bands: choose at least one of " + ", ".join(SOURCE_BANDS[self.source]))
         if len(set(self.bands)) != len(self.bands):
             raise ValueError(f"data.bands: {list(self.bands)} lists a band twice")
+        unknown = [b for b in self.bands if b not in SOURCE_BANDS[self.source]]
+        if unknown:
+            raise ValueError(
+                f"data.bands: {unknown} not available in {self.source}; "
+                f"choose from {list(SOURCE_BANDS[self.source])}"
+            )
         overlap = set(self.val_tiles) & set(self.test_tiles)
         if overlap:
             raise ValueError(f"data: tiles {sorted(overlap)} are in both val_tiles and test_tiles")
-        if not self.val_tiles or not self.test_tiles:
-            raise ValueError("data.val_tiles and data.test_tiles must each name at least one tile")
+        if not self.val_tiles:
+            raise ValueError("data.val_tiles must name at least one tile (whole tiles, held out of training)")
+        if self.split == "custom" and not self.test_tiles:
+            raise ValueError("data.test_tiles must name at least one tile when data.split is custom")
+        if self.split == "official" and (self.test_tiles or self.train_tiles is not None):
+            raise ValueError(
+                "data.split official uses the benchmark's own train/test areas: "
+                "leave data.train_tiles null and data.test_tiles empty"
+            )
+        if self.train_tiles is not None:
+            clash = set(self.train_tiles) & (set(self.val_tiles) | set(self.test_tiles))
+            if clash:
+                raise ValueError(f"data.train_tiles: {sorted(clash)} also in val_tiles or test_tiles")
         return self
 
 
@@ -76,7 +115,8 @@ class PatchesConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["fpn"] = "fpn"
+    arch: Literal["fpn", "unet", "deeplabv3plus", "fcn_skip"] = "fpn"
+    """fpn (default), other smp decoders, or fcn_skip: the lecture's ResNet FCN with skip fusion."""
     encoder: str = "resnet50"
 
 
@@ -121,8 +161,8 @@ class Params(_Section):
 
     @property
     def raw_dir(self) -> Path:
-        """Where the `tiles` stage reads the official layout from."""
-        return self.paths.raw / self.data.source
+        """Where the `tiles` stage reads the official archives or folders from."""
+        return self.data.raw_dir
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ import torch
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import CLASS_NAMES, NUM_CLASSES
 from aerialseg.config import Params
-from aerialseg.datasets.isprs import read_tiles_table
+from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.files import atomic_path
 from aerialseg.inference import predict_probabilities
 from aerialseg.metrics import confusion_matrix, scores
@@ -24,15 +24,31 @@ from aerialseg.tracking import RunRef, reopen
 
 def evaluate(params: Params) -> dict[str, Any]:
     """Score the trained model on every test tile; write `reports/` and add it all to the MLflow run."""
+    ref = RunRef.load(params.paths.models / "mlflow_run.json")
+    out = params.paths.reports
+    # The whole folder is swapped in at the end: no stale or half-written predictions survive.
+    with atomic_path(out / "predictions") as predictions:
+        predictions.mkdir()
+        total, total_full, per_tile = _predict_test_tiles(params, predictions)
+    metrics = {**scores(total), "overall_accuracy_full": _accuracy(total_full), "tiles": per_tile}
+    _write_reports(out, total, {**metrics, "mlflow_run_id": ref.run_id})
+    _log_to_mlflow(ref, params, out, metrics)
+    return metrics
+
+
+def _predict_test_tiles(params: Params, predictions: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Predict each test tile whole, save the class map, and count it against both references.
+
+    Returns the confusion matrices against the eroded reference (the benchmark's figures) and
+    against the full one (a secondary overall accuracy, boundaries included), and per-tile scores.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, meta = load_checkpoint(params.paths.models / "model.ckpt", device)
     mean = np.asarray(meta["band_mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(meta["band_std"], dtype=np.float32)[:, None, None]
-    tiles_dir, out = params.paths.tiles, params.paths.reports
-    predictions = out / "predictions"
-    predictions.mkdir(parents=True, exist_ok=True)
-
+    tiles_dir = params.paths.tiles
     total = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    total_full = np.zeros_like(total)
     per_tile: dict[str, Any] = {}
     for row in read_tiles_table(tiles_dir, "test").itertuples():
         image, georef = read_raster(tiles_dir / str(row.image))
@@ -51,23 +67,24 @@ def evaluate(params: Params) -> dict[str, Any]:
             device=device,
         )
         pred = probs.argmax(axis=0).astype(np.uint8)
-        reference, _ = read_raster(tiles_dir / str(row.label_eroded))
-        cm = confusion_matrix(pred, reference[0])
+        eroded, _ = read_raster(tiles_dir / str(row.label_eroded))
+        full, _ = read_raster(tiles_dir / str(row.label))
+        cm, cm_full = confusion_matrix(pred, eroded[0]), confusion_matrix(pred, full[0])
         total += cm
-        per_tile[str(row.tile)] = scores(cm)
+        total_full += cm_full
+        per_tile[str(row.tile)] = {**scores(cm), "overall_accuracy_full": _accuracy(cm_full)}
         write_raster(predictions / f"{row.tile}.tif", pred, georef, colormap=True)
         save_label_png(pred, predictions / f"{row.tile}.png")
-
-    metrics = {**scores(total), "tiles": per_tile}
-    _write_reports(out, total, metrics, params)
-    _log_to_mlflow(params, out, metrics)
-    return metrics
+    return total, total_full, per_tile
 
 
-def _write_reports(out: Path, cm: np.ndarray, metrics: dict[str, Any], params: Params) -> None:
-    ref = RunRef.load(params.paths.models / "mlflow_run.json")
+def _accuracy(cm: np.ndarray) -> float | None:
+    return float(np.trace(cm) / cm.sum()) if cm.sum() else None
+
+
+def _write_reports(out: Path, cm: np.ndarray, metrics: dict[str, Any]) -> None:
     with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({**metrics, "mlflow_run_id": ref.run_id}, indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     with atomic_path(out / "confusion_matrix.csv") as tmp:
         pd.DataFrame(cm, index=pd.Index(CLASS_NAMES, name="reference"), columns=CLASS_NAMES).to_csv(tmp)
     plot_confusion_matrix(cm, out / "confusion_matrix.png", title="Test tiles, eroded reference (pixels)")
@@ -79,10 +96,9 @@ def _write_reports(out: Path, cm: np.ndarray, metrics: dict[str, Any], params: P
     )
 
 
-def _log_to_mlflow(params: Params, out: Path, metrics: dict[str, Any]) -> None:
+def _log_to_mlflow(ref: RunRef, params: Params, out: Path, metrics: dict[str, Any]) -> None:
     import mlflow
 
-    ref = RunRef.load(params.paths.models / "mlflow_run.json")
     with reopen(ref):
         summary = {
             f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float) and k != "pixels"

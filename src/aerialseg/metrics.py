@@ -67,11 +67,16 @@ def _check_range(name: str, values: np.ndarray, num_classes: int, ignore_index: 
         )
 
 
+EXCLUDED_FROM_5_CLASS_MEANS = ("clutter",)
+
+
 def scores(cm: np.ndarray, class_names: Sequence[str] = CLASS_NAMES) -> dict[str, Any]:
     """Every ISPRS figure from a confusion matrix (rows = reference), as plain JSON data.
 
     Keys: overall_accuracy, kappa (Cohen's), mean_f1, miou, pixels (total counted), and
     per_class {name: {support, precision, recall, f1, iou}}; recall is the per-class accuracy.
+    mean_f1_5 and miou_5 leave clutter out of the means, as papers on the ISPRS benchmark
+    report them (clutter still counts in the overall accuracy).
     See the module docstring for when a value is None.
     """
     cm = _validated(cm, class_names)
@@ -90,6 +95,8 @@ def scores(cm: np.ndarray, class_names: Sequence[str] = CLASS_NAMES) -> dict[str
         "kappa": _kappa(cm),
         "mean_f1": mean_over(per_class, "f1", present),
         "miou": mean_over(per_class, "iou", present),
+        "mean_f1_5": mean_over(per_class, "f1", [n for n in present if n not in EXCLUDED_FROM_5_CLASS_MEANS]),
+        "miou_5": mean_over(per_class, "iou", [n for n in present if n not in EXCLUDED_FROM_5_CLASS_MEANS]),
         "pixels": total,
         "per_class": per_class,
     }

@@ -28,11 +28,49 @@ def model_args(arch: str, encoder: str, in_channels: int, num_classes: int) -> d
 def build_model(args: dict[str, Any], weights: str = "none") -> nn.Module:
     """Build the network from `model_args(...)`; `weights` is none, imagenet or a local file."""
     if weights == "none":
-        return smp.create_model(**args, encoder_weights=None)
+        return _create(args, encoder_weights=None)
     if weights == "imagenet":
         _ensure_imagenet_reachable(args["encoder_name"])
-        return smp.create_model(**args, encoder_weights="imagenet")
+        return _create(args, encoder_weights="imagenet")
     return _build_from_local_weights(args, Path(weights))
+
+
+class FCNSkip(nn.Module):
+    """The lecture's "ResNet50 FCN with skip fusion": FCN-8s-style heads on an smp encoder.
+
+    The encoder's outputs at strides 8, 16 and 32 are each turned into class scores by a 1x1
+    convolution, upsampled bilinearly to the input size and summed, so coarse, semantic scores
+    are refined by finer, more local ones.
+    """
+
+    STAGES = (3, 4, 5)
+    """Indices of smp's encoder features with strides 8, 16 and 32 (feature k has stride 2**k)."""
+
+    def __init__(
+        self, encoder_name: str, in_channels: int, classes: int, encoder_weights: str | None = None
+    ) -> None:
+        super().__init__()
+        self.encoder = smp.encoders.get_encoder(
+            encoder_name, in_channels=in_channels, depth=5, weights=encoder_weights
+        )
+        channels = self.encoder.out_channels
+        self.heads = nn.ModuleList(nn.Conv2d(channels[i], classes, kernel_size=1) for i in self.STAGES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        size = x.shape[-2:]
+        scores = [
+            nn.functional.interpolate(head(features[i]), size=size, mode="bilinear", align_corners=False)
+            for head, i in zip(self.heads, self.STAGES, strict=True)
+        ]
+        return torch.stack(scores).sum(dim=0)
+
+
+def _create(args: dict[str, Any], encoder_weights: str | None) -> nn.Module:
+    """The one factory: smp architectures by name, plus the lecture's fcn_skip."""
+    if args["arch"] == "fcn_skip":
+        return FCNSkip(args["encoder_name"], args["in_channels"], args["classes"], encoder_weights)
+    return smp.create_model(**args, encoder_weights=encoder_weights)
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -64,10 +102,12 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
     prefixed = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     encoder_state = prefixed or state
     file_in_channels = _first_conv_in_channels(encoder_state)
-    model = smp.create_model(**{**args, "in_channels": file_in_channels}, encoder_weights=None)
+    model = _create({**args, "in_channels": file_in_channels}, encoder_weights=None)
+    encoder = model.encoder
+    assert isinstance(encoder, nn.Module)  # every smp model and FCNSkip have one
     # nn.Module's own loader: smp's encoder override drops the result that names missing keys.
     try:
-        result = nn.Module.load_state_dict(model.encoder, encoder_state, strict=False)
+        result = nn.Module.load_state_dict(encoder, encoder_state, strict=False)
     except RuntimeError as err:
         raise WeightsUnavailableError(
             f"{path}: does not fit encoder {args['encoder_name']!r}: {str(err).splitlines()[1:3]}"
@@ -81,7 +121,7 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
             f"missing (e.g. {result.missing_keys[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     if file_in_channels != args["in_channels"]:
-        model.encoder.set_in_channels(args["in_channels"], pretrained=True)
+        encoder.set_in_channels(args["in_channels"], pretrained=True)  # type: ignore[operator]
     return model
 
 

@@ -15,6 +15,9 @@ from aerialseg.files import atomic_path
 from aerialseg.raster import read_raster
 from aerialseg.windows import stride_for, window_grid
 
+WRITE_BATCH = 64
+"""Patches copied to the HDF5 file at a time."""
+
 
 @dataclass(frozen=True)
 class BandStats:
@@ -93,13 +96,17 @@ def write_patches(
             except ValueError as err:
                 raise ValueError(f"tile {row.tile}: {err}; lower patches.size") from err
             start = image_ds.shape[0]
-            stop = start + len(windows)
             for ds in (image_ds, mask_ds, tile_ds, offset_ds):
-                ds.resize(stop, axis=0)
-            image_ds[start:stop] = np.stack([image[(slice(None), *w.slices)] for w in windows])
-            mask_ds[start:stop] = np.stack([label[0][w.slices] for w in windows])
-            tile_ds[start:stop] = tile_id
-            offset_ds[start:stop] = [(w.row, w.col) for w in windows]
+                ds.resize(start + len(windows), axis=0)
+            tile_ds[start:] = tile_id
+            offset_ds[start:] = [(w.row, w.col) for w in windows]
+            # In batches: with overlap, all windows of a large tile together are several times
+            # the tile's size, and memory must stay bounded by the tile.
+            for first in range(0, len(windows), WRITE_BATCH):
+                batch = windows[first : first + WRITE_BATCH]
+                at = slice(start + first, start + first + len(batch))
+                image_ds[at] = np.stack([image[(slice(None), *w.slices)] for w in batch])
+                mask_ds[at] = np.stack([label[0][w.slices] for w in batch])
         h5.attrs.update(
             size=size,
             overlap=overlap,

@@ -1,161 +1,221 @@
-"""The official ISPRS Vaihingen folder layout -> one set of model-ready tiles per area.
+"""The official ISPRS 2D Semantic Labeling data (Vaihingen, Potsdam) -> model-ready tiles and their split.
 
-Real archives (once extracted) and the synthetic scenes share this layout, so both go
-through this one code path.
+`build_tiles` takes raw_dir as users have it - the official zip files or the folders extracted
+from them, directly in raw_dir or one folder down; the synthetic scenes come in the older
+Vaihingen participant layout and take the same path - and writes to out_dir, per tile used:
+
+    <tile>_image.tif         float32, bands in data.bands order (named in the band descriptions):
+                             ir/r/g/b reflectance in [0, 1]; dsm in metres above the tile's
+                             1st percentile; ndsm in metres above the local ground (heights.py)
+    <tile>_label.tif         uint8 class index 0..5 (full reference)
+    <tile>_label_eroded.tif  uint8 class index 0..5, 255 on the boundary band (the ISPRS protocol)
+    tiles.csv                one row per tile (tiles_table.TABLE_COLUMNS)
+
+Only tiles in the train, val or test split are converted. out_dir is built under a temporary
+name and renamed at the end, so an error leaves no half-written output (and an earlier output
+in place).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from aerialseg.classes import colours_to_index
-from aerialseg.config import SPECTRAL_BANDS, DataConfig
+from aerialseg.config import DataConfig
+from aerialseg.datasets.errors import DatasetLayoutError
+from aerialseg.datasets.isprs_convert import TilePlan, convert_tile, plan_tile
+from aerialseg.datasets.isprs_files import TileFiles, find_tiles
+from aerialseg.datasets.isprs_layout import LAYOUTS, DatasetLayout
+from aerialseg.datasets.tiles_table import SPLITS, TABLE_COLUMNS, TILES_CSV, read_tiles_table
 from aerialseg.files import atomic_path
-from aerialseg.raster import RasterError, read_raster, write_raster
 
-TILES_CSV = "tiles.csv"
-SPLITS = ("train", "val", "test")
-DSM_GROUND_PERCENTILE = 1.0
-"""The DSM becomes height above this percentile of the tile, so the model sees object heights
-(buildings, trees) rather than the terrain's absolute elevation, which varies between tiles."""
+__all__ = [
+    "SPLITS",
+    "TABLE_COLUMNS",
+    "TILES_CSV",
+    "DatasetLayoutError",
+    "assign_splits",
+    "build_tiles",
+    "read_tiles_table",
+]
 
-_AREA_PATTERN = re.compile(r"top_mosaic_09cm_area(\d+)\.tif$")
-
-
-class DatasetLayoutError(ValueError):
-    """The raw folder does not hold what the official layout promises."""
-
-
-@dataclass(frozen=True)
-class VaihingenPaths:
-    area: int
-    top: Path
-    dsm: Path
-    label: Path
-    label_eroded: Path
-
-    @classmethod
-    def of(cls, raw_dir: Path, area: int) -> VaihingenPaths:
-        name = f"top_mosaic_09cm_area{area}"
-        return cls(
-            area=area,
-            top=raw_dir / "top" / f"{name}.tif",
-            dsm=raw_dir / "dsm" / f"dsm_09cm_matching_area{area}.tif",
-            label=raw_dir / "gts_for_participants" / f"{name}.tif",
-            label_eroded=raw_dir / "gts_eroded_for_participants" / f"{name}_noBoundary.tif",
-        )
-
-
-def vaihingen_areas(raw_dir: Path) -> list[int]:
-    """Area numbers that have an orthophoto in `raw_dir/top/`, sorted."""
-    top = raw_dir / "top"
-    if not top.is_dir():
-        raise DatasetLayoutError(
-            f"{raw_dir}: no 'top/' folder; expected the extracted ISPRS Vaihingen layout "
-            "(top/, dsm/, gts_for_participants/, gts_eroded_for_participants/)"
-        )
-    areas = sorted(int(m.group(1)) for p in top.iterdir() if (m := _AREA_PATTERN.match(p.name)))
-    if not areas:
-        raise DatasetLayoutError(f"{top}: no top_mosaic_09cm_area<N>.tif files")
-    return areas
-
-
-def assign_splits(areas: list[int], data: DataConfig) -> dict[int, str]:
-    """Whole tiles go to one split each: overlapping patches of one tile must never straddle splits."""
-    missing = sorted((set(data.val_tiles) | set(data.test_tiles)) - set(areas))
-    if missing:
-        raise DatasetLayoutError(
-            f"data.val_tiles/data.test_tiles name areas {missing}, which are not in the raw data "
-            f"(available: {areas})"
-        )
-    splits = {a: "val" if a in data.val_tiles else "test" if a in data.test_tiles else "train" for a in areas}
-    if "train" not in splits.values():
-        raise DatasetLayoutError("the train split is empty: every area is in val_tiles or test_tiles")
-    return splits
+log = logging.getLogger(__name__)
 
 
 def build_tiles(raw_dir: Path, out_dir: Path, data: DataConfig) -> pd.DataFrame:
-    """Convert every area of the raw layout into `out_dir`, one tile in memory at a time."""
-    areas = vaihingen_areas(raw_dir)
-    splits = assign_splits(areas, data)
-    rows = []
+    """Convert the tiles of data.source that the split uses from `raw_dir` into `out_dir`.
+
+    Every input problem - no dataset, a missing file or tile, a grid or size mismatch, a colour
+    outside the legend, an empty split - raises an error that names the file or archive.
+    """
+    layout = LAYOUTS[data.source]
+    tiles = find_tiles(Path(raw_dir), layout)
+    splits = assign_splits(list(tiles), data)
+    plans = _plan_tiles(Path(raw_dir), layout, {tile_id: tiles[tile_id] for tile_id in splits}, data.bands)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        for area in areas:
-            rows.append(_convert_area(VaihingenPaths.of(raw_dir, area), tmp, data, splits[area]))
-        table = pd.DataFrame(rows)
+        rows = [
+            _convert(tiles[tile_id], plans[tile_id], layout, data, tmp, split)
+            for tile_id, split in splits.items()
+        ]
+        table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
         table.to_csv(tmp / TILES_CSV, index=False)
     return table
 
 
-def read_tiles_table(tiles_dir: Path, split: str | None = None) -> pd.DataFrame:
-    path = tiles_dir / TILES_CSV
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no tile table; run the `tiles` stage first")
-    table = pd.read_csv(path)
-    if split is not None:
-        table = table[table["split"] == split].reset_index(drop=True)
-        if table.empty:
-            raise DatasetLayoutError(f"{path}: the {split} split has no tiles")
-    return table
+# --------------------------------------------------------------------------------------
+# Splits
 
 
-def _convert_area(paths: VaihingenPaths, out_dir: Path, data: DataConfig, split: str) -> dict[str, object]:
-    for path in (paths.top, paths.dsm, paths.label, paths.label_eroded):
-        if not path.exists():
-            raise DatasetLayoutError(f"area {paths.area}: missing {path}")
-    top, georef = read_raster(paths.top)
-    dsm, dsm_georef = read_raster(paths.dsm)
-    label_rgb, label_georef = read_raster(paths.label)
-    eroded_rgb, eroded_georef = read_raster(paths.label_eroded)
-    if top.shape[0] != 3:
-        raise RasterError(f"{paths.top}: expected 3 bands (IR, R, G), found {top.shape[0]}")
-    for path, arr, ref, bands in (
-        (paths.dsm, dsm, dsm_georef, 1),
-        (paths.label, label_rgb, label_georef, 3),
-        (paths.label_eroded, eroded_rgb, eroded_georef, 3),
-    ):
-        if arr.shape != (bands, *top.shape[1:]):
-            raise RasterError(
-                f"{path}: shape {arr.shape} does not match {paths.top}; "
-                f"expected ({bands}, {top.shape[1]}, {top.shape[2]})"
-            )
-        if (ref.crs, ref.transform) != (georef.crs, georef.transform):
-            raise RasterError(
-                f"{path}: its grid ({ref.crs}, {ref.transform}) differs from {paths.top} "
-                f"({georef.crs}, {georef.transform})"
-            )
+def assign_splits(available: list[str], data: DataConfig) -> dict[str, str]:
+    """Tile id -> split for every tile used, in the order of `available`; unused tiles are left out.
 
-    image = _stack_bands(top, dsm[0], data.bands)
-    label = colours_to_index(np.moveaxis(label_rgb, 0, -1), paths.label)
-    eroded = colours_to_index(np.moveaxis(eroded_rgb, 0, -1), paths.label_eroded, allow_boundary=True)
+    Whole tiles go to one split each: overlapping patches of one tile must never straddle splits,
+    and test tiles are never used for training or model selection.
+    """
+    layout = LAYOUTS[data.source]
+    val = _normalised(data.val_tiles)
+    test = _normalised(data.test_tiles)
+    train = None if data.train_tiles is None else _normalised(data.train_tiles)
+    _require_available(
+        {"data.val_tiles": val, "data.test_tiles": test, "data.train_tiles": train or []}, available, layout
+    )
+    if data.split == "official":
+        splits = _official_splits(available, val, layout)
+    else:
+        splits = {
+            tile: "val" if tile in val else "test" if tile in test else "train"
+            for tile in available
+            if tile in val or tile in test or train is None or tile in train
+        }
+    for split in SPLITS:
+        if split not in splits.values():
+            raise DatasetLayoutError(_empty_split_message(split, data, available, layout))
+    return splits
 
-    name = f"area{paths.area}"
-    files = {
-        "image": f"{name}_image.tif",
-        "label": f"{name}_label.tif",
-        "label_eroded": f"{name}_label_eroded.tif",
-    }
-    write_raster(out_dir / files["image"], image, georef, band_names=list(data.bands))
-    write_raster(out_dir / files["label"], label, georef, colormap=True)
-    write_raster(out_dir / files["label_eroded"], eroded, georef, colormap=True)
+
+def _official_splits(available: list[str], val: list[str], layout: DatasetLayout) -> dict[str, str]:
+    not_train = [tile for tile in val if tile not in layout.official_train]
+    if not_train:
+        raise DatasetLayoutError(
+            f"data.val_tiles: {_ids(not_train)} are not official {layout.name} training tiles; with "
+            f"data.split official, validation tiles are held out of {_ids(layout.official_train)}"
+        )
+    splits = {}
+    for tile in available:
+        if tile in val:
+            splits[tile] = "val"
+        elif tile in layout.official_test:
+            splits[tile] = "test"
+        elif tile in layout.official_train:
+            splits[tile] = "train"
+    return splits
+
+
+def _normalised(tile_ids: tuple[str, ...]) -> list[str]:
+    """'07' -> '7', '02_10' -> '2_10': ids as the tile names spell them."""
+    return [_normalised_id(tile_id) for tile_id in tile_ids]
+
+
+def _normalised_id(tile_id: str) -> str:
+    parts = tile_id.strip().split("_")
+    return "_".join(str(int(p)) for p in parts) if all(p.isdigit() for p in parts) else tile_id
+
+
+def _require_available(named: dict[str, list[str]], available: list[str], layout: DatasetLayout) -> None:
+    missing = {key: [t for t in tile_ids if t not in available] for key, tile_ids in named.items()}
+    listed = [f"{key} {_ids(tile_ids)}" for key, tile_ids in missing.items() if tile_ids]
+    if listed:
+        raise DatasetLayoutError(
+            f"{' and '.join(listed)}: no such {layout.name} tiles in the raw data "
+            f"(available: {_ids(available)})"
+        )
+
+
+def _empty_split_message(split: str, data: DataConfig, available: list[str], layout: DatasetLayout) -> str:
+    if split == "train":
+        return (
+            f"the train split is empty: every available tile is in val_tiles or test_tiles, or none is "
+            f"a training tile (available: {_ids(available)})"
+        )
+    if data.split == "official":
+        return (
+            f"the {split} split is empty: none of the official {layout.name} {split} tiles "
+            f"{_ids(layout.official_test)} is in the raw data (available: {_ids(available)})"
+        )
+    return f"the {split} split is empty (available: {_ids(available)})"
+
+
+def _ids(tile_ids: list[str] | tuple[str, ...]) -> str:
+    return f"[{', '.join(tile_ids)}]"
+
+
+# --------------------------------------------------------------------------------------
+# Conversion
+
+
+def _plan_tiles(
+    raw_dir: Path, layout: DatasetLayout, tiles: dict[str, TileFiles], bands: tuple[str, ...]
+) -> dict[str, TilePlan]:
+    """Check that every file of every tile in use is there before converting anything.
+
+    A conversion of real data takes minutes; a missing label should not surface at the end of it,
+    and all missing files are listed at once.
+    """
+    plans: dict[str, TilePlan] = {}
+    problems: list[str] = []
+    for tile_id, tile in tiles.items():
+        try:
+            plans[tile_id] = plan = plan_tile(tile, layout, bands)
+        except DatasetLayoutError as err:
+            problems.append(str(err))
+            continue
+        for role in plan.roles:
+            if tile.get(role) is None:
+                spec = layout.role(role)
+                problems.append(
+                    f"{layout.tile_name(tile_id)}: missing {spec.example.format(tile=tile_id)} ({spec.where})"
+                )
+    if problems:
+        raise DatasetLayoutError(
+            f"{raw_dir}: files missing for the tiles in use:\n  " + "\n  ".join(problems)
+        )
+    return plans
+
+
+def _convert(
+    tile: TileFiles, plan: TilePlan, layout: DatasetLayout, data: DataConfig, out_dir: Path, split: str
+) -> dict[str, object]:
+    name = layout.tile_name(tile.tile_id)
+    files = {kind: f"{name}_{kind}.tif" for kind in ("image", "label", "label_eroded")}
+    converted = convert_tile(
+        tile,
+        plan,
+        layout,
+        data.bands,
+        {kind: out_dir / file for kind, file in files.items()},
+        data.colour_tolerance,
+    )
+    log.info(
+        "%s (%s): %d x %d px, nDSM %s, %d + %d label pixels snapped",
+        name,
+        split,
+        converted.width,
+        converted.height,
+        converted.ndsm_source,
+        converted.snapped_pixels,
+        converted.snapped_pixels_eroded,
+    )
     return {
         "tile": name,
-        "area": paths.area,
+        "tile_id": tile.tile_id,
         "split": split,
-        "height": top.shape[1],
-        "width": top.shape[2],
+        "height": converted.height,
+        "width": converted.width,
         **files,
+        "ndsm_source": converted.ndsm_source,
+        "snapped_pixels": converted.snapped_pixels,
+        "snapped_pixels_eroded": converted.snapped_pixels_eroded,
     }
-
-
-def _stack_bands(top: np.ndarray, dsm: np.ndarray, bands: tuple[str, ...]) -> np.ndarray:
-    """(bands, H, W) float32: reflectance bands scaled to [0, 1], DSM as height above ground in metres."""
-    available = {name: top[i].astype(np.float32) / 255.0 for i, name in enumerate(SPECTRAL_BANDS)}
-    available["dsm"] = (dsm - np.percentile(dsm, DSM_GROUND_PERCENTILE)).astype(np.float32)
-    return np.stack([available[b] for b in bands])

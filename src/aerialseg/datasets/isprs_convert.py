@@ -1,0 +1,363 @@
+"""One ISPRS tile -> image, label and eroded-label GeoTIFFs, read and written in row blocks.
+
+Memory stays bounded by a block of BLOCK_ROWS rows of every input plus a coarse ground grid,
+whatever the tile size (a Potsdam tile is 6000 x 6000 px: 864 MB as a 6-band float32 image).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.io import DatasetReader, DatasetWriter
+from rasterio.windows import Window
+
+from aerialseg.classes import CLASSES, decode_colours, unknown_colour_error
+from aerialseg.config import SPECTRAL_BANDS
+from aerialseg.datasets.errors import DatasetLayoutError
+from aerialseg.datasets.heights import (
+    GroundModel,
+    estimate_ground,
+    ground_level,
+    normalised_heights,
+    read_heights,
+)
+from aerialseg.datasets.isprs_files import RasterSource, TileFiles
+from aerialseg.datasets.isprs_layout import (
+    DSM,
+    LABEL,
+    LABEL_ERODED,
+    NDSM,
+    NDSM_JPEG_METRES_PER_VALUE,
+    DatasetLayout,
+)
+from aerialseg.raster import RasterError
+
+BLOCK_ROWS = 512
+"""Rows read and written at a time; a multiple of the output's 256-px GeoTIFF tiles."""
+
+GDAL_CACHE_MB = 256
+"""GDAL's block cache while converting; its default (5 % of RAM) would hold gigabytes of blocks on
+a large machine. Blocks are written once, in order, so a cache of a few rows of tiles suffices."""
+
+NDSM_FROM_ARCHIVE = "archive"
+NDSM_DERIVED = "derived"
+NO_NDSM = "none"
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Which file gives which output band, decided before any pixel is read."""
+
+    spectral: dict[str, list[tuple[int, int]]]
+    """Orthophoto role -> (output band index, 1-based band in that file) pairs."""
+    reference_role: str
+    """The orthophoto whose grid the outputs take."""
+    needs_dsm: bool
+    ndsm_from_archive: bool
+
+    @property
+    def roles(self) -> list[str]:
+        """Every file this tile's conversion reads."""
+        roles = [self.reference_role, *(r for r in self.spectral if r != self.reference_role)]
+        roles += [DSM] if self.needs_dsm else []
+        roles += [NDSM] if self.ndsm_from_archive else []
+        return [*roles, LABEL, LABEL_ERODED]
+
+
+def plan_tile(tile: TileFiles, layout: DatasetLayout, bands: tuple[str, ...]) -> TilePlan:
+    """Pick the file of each band. Raises DatasetLayoutError when a band's files are all missing."""
+    spectral: dict[str, list[tuple[int, int]]] = {}
+    for out_index, band in enumerate(bands):
+        if band not in SPECTRAL_BANDS:
+            continue
+        role, order = _spectral_source(tile, layout, band)
+        spectral.setdefault(role, []).append((out_index, order.index(band) + 1))
+    present_orthos = [role for role in layout.ortho_roles if tile.get(role) is not None]
+    ndsm_from_archive = "ndsm" in bands and tile.get(NDSM) is not None
+    return TilePlan(
+        spectral=spectral,
+        reference_role=next(iter(spectral), present_orthos[0]),
+        needs_dsm="dsm" in bands or ("ndsm" in bands and not ndsm_from_archive),
+        ndsm_from_archive=ndsm_from_archive,
+    )
+
+
+def _spectral_source(tile: TileFiles, layout: DatasetLayout, band: str) -> tuple[str, tuple[str, ...]]:
+    for role, order in layout.spectral_sources:
+        if band in order and tile.get(role) is not None:
+            return role, order
+    options = " or ".join(
+        f"{layout.role(role).example.format(tile=tile.tile_id)} ({layout.role(role).where})"
+        for role, order in layout.spectral_sources
+        if band in order
+    )
+    found = ", ".join(str(tile.files[role]) for role in layout.ortho_roles if role in tile.files)
+    raise DatasetLayoutError(
+        f"{layout.tile_name(tile.tile_id)}: band '{band}' needs {options}; found only {found}"
+    )
+
+
+@dataclass(frozen=True)
+class ConvertedTile:
+    height: int
+    width: int
+    ndsm_source: str
+    snapped_pixels: int
+    """Label pixels whose colour was within data.colour_tolerance of a legend colour, not on it."""
+    snapped_pixels_eroded: int
+
+
+def convert_tile(
+    tile: TileFiles,
+    plan: TilePlan,
+    layout: DatasetLayout,
+    bands: tuple[str, ...],
+    outputs: dict[str, Path],
+    colour_tolerance: int,
+) -> ConvertedTile:
+    """Write outputs["image"], ["label"] and ["label_eroded"] for `tile` as `plan` says."""
+    with ExitStack() as stack:
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
+        opened = {role: stack.enter_context(_open(tile.files[role])) for role in plan.roles}
+        reference = opened[plan.reference_role]
+        _check_inputs(tile, plan, layout, opened)
+        image = _ImageBlocks(plan, layout, bands, opened)
+        _write_blocks(outputs["image"], reference, bands, np.float32, image.read)
+        snapped = _write_label(
+            opened[LABEL], tile.files[LABEL], reference, outputs["label"], colour_tolerance, eroded=False
+        )
+        snapped_eroded = _write_label(
+            opened[LABEL_ERODED],
+            tile.files[LABEL_ERODED],
+            reference,
+            outputs["label_eroded"],
+            colour_tolerance,
+            eroded=True,
+        )
+        return ConvertedTile(
+            height=reference.height,
+            width=reference.width,
+            ndsm_source=image.ndsm_source,
+            snapped_pixels=snapped,
+            snapped_pixels_eroded=snapped_eroded,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Reading and checking inputs
+
+
+def _open(source: RasterSource) -> DatasetReader:
+    try:
+        with warnings.catch_warnings():
+            # Label files and the nDSM JPEGs may lack georeferencing; _check_grid handles that.
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(source.uri)
+    except rasterio.errors.RasterioError as err:
+        raise RasterError(f"{source}: not a readable raster ({err})") from err
+
+
+def _check_inputs(
+    tile: TileFiles, plan: TilePlan, layout: DatasetLayout, opened: dict[str, DatasetReader]
+) -> None:
+    reference_role = plan.reference_role
+    reference = opened[reference_role]
+    band_orders = dict(layout.spectral_sources)
+    for role in plan.spectral:
+        what = f"an 8-bit {'-'.join(band_orders[role]).upper()} orthophoto"
+        _check_bands(opened[role], tile.files[role], np.uint8, len(band_orders[role]), what)
+    checks = [(role, "orthophoto", True) for role in plan.spectral if role != reference_role]
+    checks += [(DSM, "DSM", True)] if plan.needs_dsm else []
+    checks += [(NDSM, "nDSM", False)] if plan.ndsm_from_archive else []
+    checks += [(LABEL, "label", False), (LABEL_ERODED, "eroded label", False)]
+    reference_source = tile.files[reference_role]
+    for role, what, strict in checks:
+        _check_grid(reference_source, reference, tile.files[role], opened[role], what, strict=strict)
+    for role in (LABEL, LABEL_ERODED):
+        _check_bands(opened[role], tile.files[role], np.uint8, 3, "an RGB colour label")
+
+
+def _check_bands(src: DatasetReader, source: RasterSource, dtype: type, count: int, what: str) -> None:
+    if src.count < count or any(np.dtype(d) != np.dtype(dtype) for d in src.dtypes[:count]):
+        raise RasterError(
+            f"{source}: expected {what} ({count} {np.dtype(dtype).name} bands), "
+            f"found {src.count} band(s) of {', '.join(sorted(set(src.dtypes)))}"
+        )
+
+
+def _check_grid(
+    reference_source: RasterSource,
+    reference: DatasetReader,
+    source: RasterSource,
+    src: DatasetReader,
+    what: str,
+    *,
+    strict: bool,
+) -> None:
+    """`src` must cover the orthophoto pixel for pixel.
+
+    Sizes must always match. CRS and transform must match where both files are georeferenced;
+    label files and nDSM JPEGs (`strict=False`) may also carry no georeferencing at all, which
+    some official downloads do, and are then taken to lie on the orthophoto's grid.
+    """
+    if (src.height, src.width) != (reference.height, reference.width):
+        raise RasterError(
+            f"{source}: the {what} is {src.width} x {src.height} px (width x height), but the "
+            f"orthophoto {reference_source} is {reference.width} x {reference.height} px; "
+            f"the {what} must cover it pixel for pixel"
+        )
+    georeferenced = src.crs is not None or not src.transform.is_identity
+    if not georeferenced and not strict:
+        return
+    same_crs = src.crs == reference.crs or src.crs is None or reference.crs is None
+    if not same_crs or not src.transform.almost_equals(reference.transform, precision=1e-6):
+        raise RasterError(
+            f"{source}: the {what}'s grid (CRS {src.crs}, transform {tuple(src.transform)[:6]}) differs "
+            f"from the orthophoto {reference_source} (CRS {reference.crs}, "
+            f"transform {tuple(reference.transform)[:6]})"
+        )
+
+
+class _ImageBlocks:
+    """Reads the output image of a tile one row block at a time, bands in data.bands order."""
+
+    def __init__(
+        self, plan: TilePlan, layout: DatasetLayout, bands: tuple[str, ...], opened: dict[str, DatasetReader]
+    ) -> None:
+        self.plan, self.bands, self.opened = plan, bands, opened
+        self.dsm = opened[DSM] if plan.needs_dsm else None
+        self.ground_level = ground_level(self.dsm) if self.dsm is not None else 0.0
+        self.ground: GroundModel | None = None
+        self.ndsm_source = NO_NDSM
+        if "ndsm" in bands:
+            self.ndsm_source = NDSM_FROM_ARCHIVE if plan.ndsm_from_archive else NDSM_DERIVED
+        if self.ndsm_source == NDSM_DERIVED and self.dsm is not None:
+            pixel_size = _pixel_size_m(opened[plan.reference_role], layout)
+            self.ground = estimate_ground(self.dsm, pixel_size, self.ground_level, BLOCK_ROWS)
+
+    def read(self, window: Window) -> np.ndarray:
+        block = np.empty((len(self.bands), window.height, window.width), dtype=np.float32)
+        for role, pairs in self.plan.spectral.items():
+            pixels = self.opened[role].read([band for _, band in pairs], window=window)
+            for (out_index, _), values in zip(pairs, pixels, strict=True):
+                block[out_index] = values.astype(np.float32) / 255.0
+        dsm = read_heights(self.dsm, window, self.ground_level) if self.dsm is not None else None
+        for out_index, band in enumerate(self.bands):
+            if band == "dsm" and dsm is not None:
+                block[out_index] = dsm - self.ground_level
+            elif band == "ndsm":
+                block[out_index] = self._ndsm(window, dsm)
+        return block
+
+    def _ndsm(self, window: Window, dsm: np.ndarray | None) -> np.ndarray:
+        if self.plan.ndsm_from_archive:
+            return self.opened[NDSM].read(1, window=window).astype(np.float32) * NDSM_JPEG_METRES_PER_VALUE
+        assert dsm is not None and self.ground is not None  # plan_tile asks for the DSM
+        return normalised_heights(dsm, self.ground.block(window.row_off, window.height, window.width))
+
+
+def _pixel_size_m(reference: DatasetReader, layout: DatasetLayout) -> float:
+    """The orthophoto's pixel size in metres where its CRS says so, else the dataset's nominal one."""
+    crs = reference.crs
+    if crs is not None and crs.is_projected and crs.linear_units in ("metre", "meter"):
+        return float(abs(reference.transform.a))
+    return layout.pixel_size_m
+
+
+# --------------------------------------------------------------------------------------
+# Labels
+
+
+def _write_label(
+    src: DatasetReader,
+    source: RasterSource,
+    reference: DatasetReader,
+    out: Path,
+    tolerance: int,
+    *,
+    eroded: bool,
+) -> int:
+    """Decode a colour label block by block; returns the snapped pixel count.
+
+    Only the eroded label may hold boundary black. Colours outside the legend are counted over
+    the whole file before raising, so the error gives true totals rather than the first block's.
+    """
+    snapped = 0
+    unknown: Counter[tuple[int, int, int]] = Counter()
+
+    def decode(window: Window) -> np.ndarray:
+        nonlocal snapped
+        rgb = np.moveaxis(src.read([1, 2, 3], window=window), 0, -1)
+        decoded = decode_colours(rgb, allow_boundary=eroded, tolerance=tolerance)
+        snapped += decoded.snapped
+        unknown.update(decoded.unknown)
+        return decoded.index[np.newaxis]
+
+    _write_blocks(out, reference, None, np.uint8, decode, colormap=True)
+    if unknown:
+        raise unknown_colour_error(str(source), dict(unknown), allow_boundary=eroded, tolerance=tolerance)
+    return snapped
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+
+
+def row_windows(height: int, width: int, rows: int | None = None) -> Iterator[Window]:
+    """Full-width windows of `rows` rows (BLOCK_ROWS by default) from the top down."""
+    rows = rows or BLOCK_ROWS
+    for row in range(0, height, rows):
+        yield Window(0, row, width, min(rows, height - row))
+
+
+def _write_blocks(
+    path: Path,
+    reference: DatasetReader,
+    band_names: tuple[str, ...] | None,
+    dtype: type,
+    read_block: Callable[[Window], np.ndarray],
+    *,
+    colormap: bool = False,
+) -> None:
+    """Create a GeoTIFF on `reference`'s grid and fill it with read_block(window) row block by row block."""
+    count = len(band_names) if band_names else 1
+    with _create(path, reference, count, dtype) as dst:
+        # Metadata first: libtiff cannot change the photometric tag once pixels are written.
+        if band_names:
+            dst.descriptions = band_names
+        if colormap:
+            dst.write_colormap(1, {c.index: (*c.colour, 255) for c in CLASSES})
+        for window in row_windows(reference.height, reference.width):
+            dst.write(read_block(window), window=window)
+
+
+def _create(path: Path, reference: DatasetReader, count: int, dtype: type) -> DatasetWriter:
+    """The GeoTIFF layout of aerialseg.raster.write_raster (tiled, deflate), opened for windowed writing."""
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "height": reference.height,
+        "width": reference.width,
+        "count": count,
+        "dtype": np.dtype(dtype).name,
+        "crs": reference.crs,
+        "transform": reference.transform,
+        "compress": "deflate",
+        # Fast deflate: level 1 writes 2-3x faster than the default 6 for a few % more disk, and a
+        # Potsdam tile is 36 M pixels per band. Threads help where several cores are free.
+        "zlevel": 1,
+        "num_threads": "all_cpus",
+        "nodata": None,
+    }
+    if reference.height >= 256 and reference.width >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    if np.issubdtype(dtype, np.floating):
+        profile["predictor"] = 3
+    return rasterio.open(path, "w", **profile)

@@ -1,0 +1,43 @@
+"""The `tiles` stage's output contract: tiles.csv, one row per converted tile.
+
+Kept apart from the conversion code so that the stages that only read the table (patches,
+evaluate) do not depend on how the raw archives are read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from aerialseg.datasets.errors import DatasetLayoutError
+
+TILES_CSV = "tiles.csv"
+SPLITS = ("train", "val", "test")
+TABLE_COLUMNS = (
+    "tile",  # output name: area15, potsdam_2_10
+    "tile_id",  # the dataset's own id, as data.*_tiles name it: 15, 2_10
+    "split",  # train, val or test
+    "height",
+    "width",
+    "image",  # <tile>_image.tif: float32, bands in data.bands order
+    "label",  # <tile>_label.tif: uint8 class 0..5, the full reference
+    "label_eroded",  # <tile>_label_eroded.tif: uint8 class 0..5, 255 on the boundary band
+    "ndsm_source",  # archive (Potsdam lastools JPEG), derived (from the DSM) or none (no ndsm band)
+    "snapped_pixels",  # label pixels within data.colour_tolerance of a legend colour, not on it
+    "snapped_pixels_eroded",  # the same in the eroded label
+)
+
+
+def read_tiles_table(tiles_dir: Path, split: str | None = None) -> pd.DataFrame:
+    """tiles.csv of `tiles_dir`, or the rows of one split (which must not be empty)."""
+    path = tiles_dir / TILES_CSV
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no tile table; run the `tiles` stage first")
+    # Text, not numbers: Vaihingen ids (15) would otherwise read back as integers.
+    table = pd.read_csv(path, dtype={"tile": str, "tile_id": str})
+    if split is not None:
+        table = table[table["split"] == split].reset_index(drop=True)
+        if table.empty:
+            raise DatasetLayoutError(f"{path}: the {split} split has no tiles")
+    return table
