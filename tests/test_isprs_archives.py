@@ -8,6 +8,8 @@ generated scenes whose class maps are known, so every decoded label is checked p
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import warnings
 import zipfile
@@ -886,7 +888,11 @@ def test_failed_build_keeps_the_previous_output(
 # Real pixels: the ISPRS Vaihingen crop in ../shared, packed as official archives
 
 
-CROP = Path(__file__).resolve().parents[2] / "shared" / "data" / "isprs-vaihingen-crop"
+# ../shared/data/isprs-vaihingen-crop beside the project, or wherever AERIALSEG_ISPRS_CROP points.
+CROP = Path(
+    os.environ.get("AERIALSEG_ISPRS_CROP")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "isprs-vaihingen-crop"
+)
 CROP_HEIGHTS = {1: 9.0, 3: 7.0, 4: 1.5}  # building, tree, car: metres above the terrain
 
 
@@ -935,6 +941,71 @@ def test_real_vaihingen_crop_through_the_official_archives(tmp_path: Path, out_d
     ndsm = image[3]
     assert np.median(ndsm[label == 1]) > 7.0
     assert np.median(ndsm[np.isin(label, [0, 2])]) < 0.5
+
+
+@pytest.mark.skipif(not CROP.is_dir(), reason=f"{CROP} is not available here")
+def test_real_crop_through_tiles_and_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluate stage's path on real pixels: whole-tile prediction, eroded scoring, georeference."""
+    import mlflow
+    import torch
+
+    from aerialseg.checkpoint import save_checkpoint
+    from aerialseg.config import Params
+    from aerialseg.evaluation import evaluate
+    from aerialseg.model import build_model, model_args
+    from aerialseg.patches import BandStats
+    from aerialseg.tracking import RunRef
+
+    real = real_crop_tile()
+    raw = write_downloads(
+        tmp_path / "raw", vaihingen_downloads([real, *vaihingen_tiles(SMALL, ("2", "3"))]), "zip"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = Params.model_validate(
+        {
+            "data": {
+                "source": "vaihingen",
+                "raw_dir": str(raw),
+                "bands": ["ir", "r", "g"],
+                "train_tiles": ["2"],
+                "val_tiles": ["3"],
+                "test_tiles": ["1"],
+            },
+            "paths": {"tiles": "tiles", "models": "models", "reports": "reports"},
+            "evaluate": {"overlap": 0.5, "batch_size": 4},
+        }
+    )
+    build_tiles(raw, params.paths.tiles, params.data)
+    # An untrained network: the point is the path on real pixels, not the accuracy.
+    torch.manual_seed(0)
+    args = model_args("fcn_skip", "resnet18", in_channels=3, num_classes=6)
+    stats = BandStats((0.3, 0.3, 0.3), (0.2, 0.2, 0.2))
+    save_checkpoint(
+        Path("models/model.ckpt"),
+        build_model(args),
+        args,
+        bands=["ir", "r", "g"],
+        stats=stats,
+        patch_size=128,
+        config={},
+        metrics={},
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.set_experiment("crop")
+    with mlflow.start_run() as run:
+        pass
+    RunRef(run.info.run_id, experiment.experiment_id, "crop").save(Path("models/mlflow_run.json"))
+
+    metrics = evaluate(params)
+
+    assert metrics["pixels"] == int((real.eroded != IGNORE_INDEX).sum())
+    assert list(metrics["tiles"]) == ["area1"]
+    saved = json.loads(Path("reports/metrics.json").read_text())
+    assert saved["mlflow_run_id"] == run.info.run_id and saved["pixels"] == metrics["pixels"]
+    with rasterio.open("reports/predictions/area1.tif") as pred:
+        assert pred.shape == (512, 512) and pred.transform == real.georef.transform
+        assert pred.read(1).max() <= 5
 
 
 def test_layouts_name_the_official_tiles() -> None:
