@@ -74,6 +74,13 @@ def test_train_writes_checkpoint_history_and_one_mlflow_run(
     assert {"train_loss", "val_loss", "val_overall_accuracy", "val_mean_f1", "val_miou"} <= set(history)
 
     model, meta = load_checkpoint(tmp_path / "models" / "model.ckpt")
+    # model.ckpt holds the best epoch by val_mean_f1 (the first, on a tie); Lightning's own
+    # checkpoints (for train.resume) sit beside it.
+    best_epoch = history["epoch"][history["val_mean_f1"].idxmax()]
+    assert meta["metrics"]["epoch"] == best_epoch
+    assert meta["metrics"]["val_mean_f1"] == pytest.approx(history["val_mean_f1"].max())
+    checkpoints = tmp_path / "models" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt", "mlflow_run.json"]
     assert meta["bands"] == ["ir", "r", "g", "dsm"] and meta["patch_size"] == 64
     assert meta["config"]["train"]["precision"] == precision
     with torch.no_grad():

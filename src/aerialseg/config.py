@@ -136,6 +136,40 @@ class TrainConfig(_Section):
     num_workers: Annotated[int, Field(ge=0)] = 2
     limit_train_batches: Annotated[int, Field(ge=1)] | None = None
     """Cap on batches per epoch (tests and smoke runs); null uses every patch."""
+    strategy: Literal["auto", "ddp"] = "auto"
+    """ddp: one process per device (gloo on CPU, NCCL on GPUs); only rank 0 writes files and MLflow."""
+    num_nodes: Annotated[int, Field(ge=1)] = 1
+    deterministic: bool = False
+    """Deterministic kernels: two CPU runs with the same seed give bit-identical weights."""
+    compile: bool = False
+    """torch.compile the network (the checkpoints hold the plain network's weights)."""
+    resume: bool = False
+    """Continue from <models>/checkpoints/last.ckpt, and its MLflow run, when that file exists."""
+    loss: Literal["ce", "dice", "focal", "ce+dice"] = "ce"
+    class_weights: Literal["none", "inverse_frequency"] | tuple[Annotated[float, Field(ge=0)], ...] = "none"
+    """Weights of the cross-entropy part: none, inverse_frequency (of the train masks), or one per class."""
+    scheduler: Literal["none", "cosine", "onecycle", "plateau"] = "none"
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many epochs without a better val_mean_f1; null never stops early."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        from aerialseg.classes import NUM_CLASSES
+
+        if isinstance(self.class_weights, tuple):
+            if len(self.class_weights) != NUM_CLASSES:
+                raise ValueError(
+                    f"train.class_weights: {len(self.class_weights)} values given, "
+                    f"expected one per class ({NUM_CLASSES})"
+                )
+            if not any(self.class_weights):
+                raise ValueError("train.class_weights: at least one weight must be positive")
+        if self.class_weights != "none" and self.loss not in ("ce", "ce+dice"):
+            raise ValueError(
+                f"train.class_weights weight the cross-entropy part of the loss; "
+                f"loss {self.loss!r} has none (use ce or ce+dice, or class_weights none)"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):

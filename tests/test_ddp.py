@@ -1,0 +1,135 @@
+"""Two-process CPU DDP training through `train()`: one MLflow run, one set of files, every val pixel
+counted once.
+
+Lightning's `ddp` strategy starts the other ranks by re-running the command line of the main
+process (`sys.argv`). Under pytest that would re-run pytest, so the test runs a small script in a
+subprocess instead: that is exactly how `dvc repro` runs `python pipeline/train.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from aerialseg.checkpoint import load_checkpoint
+from aerialseg.classes import IGNORE_INDEX
+from aerialseg.datasets.isprs import read_tiles_table
+from aerialseg.patches import band_statistics, write_patches
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    from aerialseg.config import Params
+    from aerialseg.training import train
+
+    if __name__ == "__main__":
+        train(Params.model_validate(json.loads(Path(sys.argv[1]).read_text())))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def patches_dir(synthetic_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_patches")
+    stats = band_statistics(
+        [synthetic_tiles / name for name in read_tiles_table(synthetic_tiles, "train")["image"]]
+    )
+    for split in ("train", "val"):
+        write_patches(
+            read_tiles_table(synthetic_tiles, split),
+            synthetic_tiles,
+            out / f"{split}.h5",
+            size=64,
+            overlap=0.5,
+            stats=stats,
+            bands=["ir", "r", "g", "dsm"],
+        )
+    return out
+
+
+def _labelled_pixels(path: Path) -> tuple[int, int]:
+    """(patches, mask pixels that are not ignored) in an HDF5 patch file."""
+    with h5py.File(path, "r") as f:
+        masks = f["mask"][:]
+    return len(masks), int(np.count_nonzero(masks != IGNORE_INDEX))
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_training(patches_dir: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    n_val, expected_pixels = _labelled_pixels(patches_dir / "val.h5")
+    # An odd number of val patches: a padding sampler would count one of them twice.
+    assert n_val % 2 == 1
+    params = {
+        "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},
+        "data": {"val_tiles": [3], "test_tiles": [4]},
+        "patches": {"size": 64},
+        "model": {"encoder": "resnet18"},
+        "train": {
+            "epochs": 1,
+            "batch_size": 2,
+            "num_workers": 0,
+            "limit_train_batches": 2,
+            "precision": "32",
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": "ddp",
+        },
+        "tracking": {"experiment": "ddp"},
+    }
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    (tmp_path / "run_train.py").write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on a small machine
+
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "run_train.py"), str(tmp_path / "params.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+    assert done.returncode == 0, done.stderr[-4000:]
+    models = tmp_path / "models"
+    # Exactly one MLflow run, made by rank 0, which saw two processes.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddp")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    assert runs[0].data.params["train.world_size"] == "2"
+    assert json.loads((models / "mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
+    # The validation matrix, summed over both ranks, counted each labelled val pixel once.
+    history = pd.read_csv(models / "history.csv")
+    assert list(history["epoch"]) == [0]
+    assert list(history["val_pixels"]) == [expected_pixels]
+    assert runs[0].data.metrics["val_pixels"] == expected_pixels
+    # One self-describing checkpoint and one set of Lightning checkpoints.
+    _, meta = load_checkpoint(models / "model.ckpt")
+    assert meta["metrics"]["val_pixels"] == expected_pixels
+    assert sorted(p.name for p in models.iterdir()) == [
+        "checkpoints",
+        "history.csv",
+        "mlflow_run.json",
+        "model.ckpt",
+    ]
+    assert sorted(p.name for p in (models / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+        "mlflow_run.json",
+    ]

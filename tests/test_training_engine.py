@@ -1,0 +1,343 @@
+"""The training engine: losses, class weights, optimizers, schedulers, determinism and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+
+from aerialseg.checkpoint import load_checkpoint
+from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
+from aerialseg.config import Params, TrainConfig
+from aerialseg.datasets.isprs import read_tiles_table
+from aerialseg.model import model_args
+from aerialseg.patches import band_statistics, write_patches
+from aerialseg.training import (
+    OPTIMIZERS,
+    SegmentationTask,
+    class_counts,
+    inverse_frequency_weights,
+    patch_file_class_weights,
+    train,
+)
+
+# ---------------------------------------------------------------- class weights and config
+
+
+def test_inverse_frequency_weights_are_larger_for_rarer_classes() -> None:
+    # Class 0 is common, 4 is rare, 5 absent; 255 (ignored) must not count as anything.
+    mask = np.full((10, 10), IGNORE_INDEX, dtype=np.uint8)
+    mask.flat[:50] = 0
+    mask.flat[50:70] = 1
+    mask.flat[70:80] = 2
+    mask.flat[80:85] = 3
+    mask.flat[85:87] = 4
+    counts = class_counts([mask, mask])
+    assert counts.tolist() == [100, 40, 20, 10, 4, 0]
+
+    weights = inverse_frequency_weights(counts)
+
+    present = weights[:5]
+    assert np.all(np.diff(present) > 0)
+    assert np.isclose(np.mean(present), 1.0)
+    assert weights[5] == 0.0
+    # Inverse frequency: the weight ratio is the count ratio, inverted.
+    assert np.isclose(weights[4] / weights[0], 100 / 4)
+
+
+def test_inverse_frequency_weights_of_a_patch_file(patches_dir: Path) -> None:
+    import h5py
+
+    with h5py.File(patches_dir / "train.h5", "r") as f:
+        masks = f["mask"][:]
+    counts = class_counts([masks])
+    weights = np.asarray(patch_file_class_weights(patches_dir / "train.h5", chunk=5))
+    present = counts > 0
+    order = np.argsort(counts[present])
+    assert np.all(np.diff(weights[present][order]) <= 0)
+    assert np.isclose(weights[present].mean(), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"class_weights": [1.0, 2.0]}, "expected one per class"),
+        ({"loss": "dice", "class_weights": "inverse_frequency"}, "cross-entropy part"),
+        ({"loss": "hinge"}, "loss"),
+        ({"scheduler": "step"}, "scheduler"),
+        ({"strategy": "fsdp"}, "strategy"),
+        ({"num_nodes": 0}, "num_nodes"),
+        ({"early_stopping_patience": 0}, "early_stopping_patience"),
+    ],
+)
+def test_train_config_rejects_bad_values(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig.model_validate(values)
+
+
+def test_train_config_defaults_keep_the_previous_behaviour() -> None:
+    cfg = TrainConfig()
+    assert (cfg.strategy, cfg.num_nodes, cfg.deterministic, cfg.compile, cfg.resume) == (
+        "auto",
+        1,
+        False,
+        False,
+        False,
+    )
+    assert (cfg.loss, cfg.class_weights, cfg.scheduler, cfg.early_stopping_patience) == (
+        "ce",
+        "none",
+        "none",
+        None,
+    )
+    assert TrainConfig(class_weights=[1, 2, 3, 4, 5, 6]).class_weights == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+
+
+# ---------------------------------------------------------------- one step of each piece
+
+
+def _batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(n):
+        mask = torch.randint(0, NUM_CLASSES, (32, 32), generator=gen)
+        mask[:4] = IGNORE_INDEX
+        samples.append({"image": torch.randn(4, 32, 32, generator=gen), "mask": mask})
+    return samples
+
+
+def _fit_one_batch(task: SegmentationTask) -> L.Trainer:
+    loader = torch.utils.data.DataLoader(_batches(), batch_size=2)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, loader, loader)
+    return trainer
+
+
+def _task(**kwargs: Any) -> SegmentationTask:
+    torch.manual_seed(0)
+    return SegmentationTask(model_args("fpn", "resnet18", 4, NUM_CLASSES), **kwargs)
+
+
+def _fit_and_check_weights_moved(task: SegmentationTask) -> L.Trainer:
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    trainer = _fit_one_batch(task)
+    after = task.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed"
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    return trainer
+
+
+@pytest.mark.parametrize("loss", ["ce", "dice", "focal", "ce+dice"])
+def test_each_loss_trains_one_step(loss: str) -> None:
+    weights = [1.0, 2.0, 1.0, 1.0, 3.0, 0.5] if loss in ("ce", "ce+dice") else None
+    task = _task(loss=loss, class_weights=weights)
+    _fit_and_check_weights_moved(task)
+    logits, target = torch.randn(2, NUM_CLASSES, 8, 8), torch.randint(0, NUM_CLASSES, (2, 8, 8))
+    target[0] = IGNORE_INDEX
+    assert torch.isfinite(task.loss(logits, target))
+
+
+def test_class_weights_change_the_cross_entropy() -> None:
+    logits, target = torch.randn(2, NUM_CLASSES, 8, 8), torch.randint(0, NUM_CLASSES, (2, 8, 8))
+    plain = _task(loss="ce").loss(logits, target)
+    weighted = _task(loss="ce", class_weights=[1.0, 5.0, 0.1, 1.0, 1.0, 1.0]).loss(logits, target)
+    assert not torch.isclose(plain, weighted)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_each_optimizer_trains_one_step(optimizer: str) -> None:
+    task = _task(optimizer=optimizer)
+    trainer = _fit_and_check_weights_moved(task)
+    assert isinstance(trainer.optimizers[0], OPTIMIZERS[optimizer])
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [
+        ("none", None),
+        ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR),
+        ("onecycle", torch.optim.lr_scheduler.OneCycleLR),
+        ("plateau", torch.optim.lr_scheduler.ReduceLROnPlateau),
+    ],
+)
+def test_each_scheduler_trains_one_step(scheduler: str, expected: type | None) -> None:
+    task = _task(scheduler=scheduler, lr=0.01)
+    trainer = _fit_and_check_weights_moved(task)
+    configs = trainer.lr_scheduler_configs
+    if expected is None:
+        assert configs == []
+        return
+    assert [type(c.scheduler) for c in configs] == [expected]
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    if scheduler == "plateau":
+        assert configs[0].monitor == "val_mean_f1"
+        assert lr == 0.01  # one epoch is no plateau
+    else:
+        assert lr != 0.01  # stepped (per epoch for cosine, per batch for onecycle)
+
+
+def test_compile_wraps_the_network_in_place() -> None:
+    plain, compiled = _task(), _task(compile=True)
+    assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+    # The checkpointed weights keep the plain network's names.
+    assert list(compiled.model.state_dict()) == list(plain.model.state_dict())
+
+
+# ---------------------------------------------------------------- determinism and resume
+
+
+@pytest.fixture(scope="module")
+def patches_dir(synthetic_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("engine_patches")
+    stats = band_statistics(
+        [synthetic_tiles / name for name in read_tiles_table(synthetic_tiles, "train")["image"]]
+    )
+    for split in ("train", "val"):
+        write_patches(
+            read_tiles_table(synthetic_tiles, split),
+            synthetic_tiles,
+            out / f"{split}.h5",
+            size=64,
+            overlap=0.5,
+            stats=stats,
+            bands=["ir", "r", "g", "dsm"],
+        )
+    return out
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A private MLflow store in tmp_path, and no MLflow model logging (20 s of pip inference)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("aerialseg.training._log_model", lambda *args: None)
+
+
+def _params(patches_dir: Path, models: Path, **train_cfg: Any) -> Params:
+    return Params.model_validate(
+        {
+            "paths": {"patches": str(patches_dir), "models": str(models)},
+            "data": {"val_tiles": [3], "test_tiles": [4]},
+            "patches": {"size": 64},
+            "model": {"encoder": "resnet18"},
+            "train": {
+                "epochs": 1,
+                "batch_size": 4,
+                "num_workers": 0,
+                "limit_train_batches": 2,
+                "precision": "32",
+                "accelerator": "cpu",
+                "deterministic": True,
+                "seed": 3,
+                **train_cfg,
+            },
+            "tracking": {"experiment": "engine"},
+        }
+    )
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return dict(payload["state_dict"])
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.usefixtures("quick")
+def test_two_deterministic_runs_give_identical_weights(patches_dir: Path, tmp_path: Path) -> None:
+    train(_params(patches_dir, tmp_path / "a"))
+    train(_params(patches_dir, tmp_path / "b"))
+
+    _assert_identical(_weights(tmp_path / "a" / "model.ckpt"), _weights(tmp_path / "b" / "model.ckpt"))
+    _assert_identical(
+        _weights(tmp_path / "a" / "checkpoints" / "last.ckpt"),
+        _weights(tmp_path / "b" / "checkpoints" / "last.ckpt"),
+    )
+    # ... and the same seed is what makes them equal: another seed moves the weights.
+    train(_params(patches_dir, tmp_path / "c", seed=4))
+    a, c = _weights(tmp_path / "a" / "model.ckpt"), _weights(tmp_path / "c" / "model.ckpt")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAtEpoch(L.Callback):
+    """Test-only: dies at the start of `epoch`, after the previous epoch's checkpoint was written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Crash(f"simulated crash at epoch {self.epoch}")
+
+
+@pytest.mark.usefixtures("quick")
+def test_resume_continues_the_run_and_matches_an_uninterrupted_one(patches_dir: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    models = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        train(_params(patches_dir, models, epochs=2), callbacks=[CrashAtEpoch(1)])
+    assert (models / "checkpoints" / "last.ckpt").exists() and not (models / "model.ckpt").exists()
+    crashed_run = json.loads((models / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+
+    resumed = train(_params(patches_dir, models, epochs=2, resume=True))
+    train(_params(patches_dir, tmp_path / "straight", epochs=2))
+
+    assert resumed["epoch"] == 1.0
+    assert list(pd.read_csv(models / "history.csv")["epoch"]) == [0, 1]
+    for name in ("checkpoints/last.ckpt", "model.ckpt"):
+        _assert_identical(_weights(models / name), _weights(tmp_path / "straight" / name))
+    # One MLflow run for the crashed and the resumed part, holding both epochs' metrics.
+    assert json.loads((models / "mlflow_run.json").read_text())["run_id"] == crashed_run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(crashed_run, "val_mean_f1")
+    assert len(history) == 2
+    assert client.get_run(crashed_run).info.status == "FINISHED"
+    experiment = client.get_experiment_by_name("engine")
+    assert experiment is not None and len(client.search_runs([experiment.experiment_id])) == 2
+
+
+@pytest.mark.usefixtures("quick")
+def test_a_fresh_run_ignores_old_checkpoints_and_starts_a_new_mlflow_run(
+    patches_dir: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    train(_params(patches_dir, models))
+    first = json.loads((models / "mlflow_run.json").read_text())["run_id"]
+    (models / "checkpoints" / "stale.ckpt").write_text("left by an earlier run")
+
+    train(_params(patches_dir, models, resume=False))
+
+    assert json.loads((models / "mlflow_run.json").read_text())["run_id"] != first
+    assert sorted(p.name for p in (models / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+        "mlflow_run.json",
+    ]
+    _, meta = load_checkpoint(models / "model.ckpt")
+    assert meta["metrics"]["epoch"] == 0.0
