@@ -30,3 +30,15 @@ def preset(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{params}: applied preset {name!r}; `dvc repro` reruns what it changes")
+
+
+@app.command("prefetch-weights")
+def prefetch_weights(
+    encoder: Annotated[str, typer.Argument(help="an smp encoder name, e.g. resnet50")] = "resnet50",
+) -> None:
+    """Download an encoder's ImageNet weights into the Hugging Face cache (HF_HOME), on a machine with
+    internet, so that compute nodes sharing that cache train with train.pretrained: imagenet offline."""
+    import segmentation_models_pytorch as smp
+
+    smp.encoders.get_encoder(encoder, weights="imagenet")
+    typer.echo(f"ImageNet weights for {encoder} are in the Hugging Face cache (HF_HOME)")
