@@ -22,8 +22,6 @@ import pytest
 
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import IGNORE_INDEX
-from aerialseg.datasets.isprs import read_tiles_table
-from aerialseg.patches import band_statistics, write_patches
 
 SCRIPT = textwrap.dedent(
     """
@@ -38,25 +36,6 @@ SCRIPT = textwrap.dedent(
         train(Params.model_validate(json.loads(Path(sys.argv[1]).read_text())))
     """
 )
-
-
-@pytest.fixture(scope="module")
-def patches_dir(synthetic_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ddp_patches")
-    stats = band_statistics(
-        [synthetic_tiles / name for name in read_tiles_table(synthetic_tiles, "train")["image"]]
-    )
-    for split in ("train", "val"):
-        write_patches(
-            read_tiles_table(synthetic_tiles, split),
-            synthetic_tiles,
-            out / f"{split}.h5",
-            size=64,
-            overlap=0.5,
-            stats=stats,
-            bands=["ir", "r", "g", "dsm"],
-        )
-    return out
 
 
 def _labelled_pixels(path: Path) -> tuple[int, int]:

@@ -11,28 +11,7 @@ import torch
 
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.config import Params
-from aerialseg.datasets.isprs import read_tiles_table
-from aerialseg.patches import band_statistics, write_patches
 from aerialseg.training import resolve_precision, train
-
-
-@pytest.fixture(scope="module")
-def patches_dir(synthetic_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("patches")
-    train_tiles = read_tiles_table(synthetic_tiles, "train")
-    stats = band_statistics([synthetic_tiles / name for name in train_tiles["image"]])
-    for split in ("train", "val"):
-        tiles = read_tiles_table(synthetic_tiles, split)
-        write_patches(
-            tiles,
-            synthetic_tiles,
-            out / f"{split}.h5",
-            size=64,
-            overlap=0.5,
-            stats=stats,
-            bands=["ir", "r", "g", "dsm"],
-        )
-    return out
 
 
 def _params(patches_dir: Path, models: Path, precision: str) -> Params:

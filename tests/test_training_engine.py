@@ -16,9 +16,7 @@ from pydantic import ValidationError
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, TrainConfig
-from aerialseg.datasets.isprs import read_tiles_table
 from aerialseg.model import model_args
-from aerialseg.patches import band_statistics, write_patches
 from aerialseg.training import (
     OPTIMIZERS,
     SegmentationTask,
@@ -201,25 +199,6 @@ def test_compile_wraps_the_network_in_place() -> None:
 
 
 # ---------------------------------------------------------------- determinism and resume
-
-
-@pytest.fixture(scope="module")
-def patches_dir(synthetic_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("engine_patches")
-    stats = band_statistics(
-        [synthetic_tiles / name for name in read_tiles_table(synthetic_tiles, "train")["image"]]
-    )
-    for split in ("train", "val"):
-        write_patches(
-            read_tiles_table(synthetic_tiles, split),
-            synthetic_tiles,
-            out / f"{split}.h5",
-            size=64,
-            overlap=0.5,
-            stats=stats,
-            bands=["ir", "r", "g", "dsm"],
-        )
-    return out
 
 
 @pytest.fixture
