@@ -27,7 +27,6 @@ def write_patch_file(path: Path) -> np.ndarray:
             "mask",
             data=rng.integers(0, 6, (COUNT, SIZE, SIZE), dtype=np.uint8),
             chunks=(1, SIZE, SIZE),
-            compression="lzf",
         )
         h5.create_dataset("tile", data=np.zeros(COUNT, np.int32))
         h5.create_dataset("offset", data=np.zeros((COUNT, 2), np.int32))

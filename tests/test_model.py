@@ -121,7 +121,9 @@ def test_imagenet_offline_without_cache_fails_at_once(
     with pytest.raises(WeightsUnavailableError) as info:
         build_model(ARGS, weights="imagenet")
     message = str(info.value)
-    assert "resnet18" in message and "local weights file" in message and "HF_HUB_OFFLINE" in message
+    assert "local encoder weights file" in message and "HF_HUB_OFFLINE" in message
+    # It names the exact command that fixes it.
+    assert "`aerialseg prefetch-weights resnet18`" in message
 
 
 def test_fcn_skip_sums_upsampled_scores_of_strides_8_16_32() -> None:

@@ -17,14 +17,8 @@ from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, TrainConfig
 from aerialseg.model import model_args
-from aerialseg.training import (
-    OPTIMIZERS,
-    SegmentationTask,
-    class_counts,
-    inverse_frequency_weights,
-    patch_file_class_weights,
-    train,
-)
+from aerialseg.losses import class_counts, inverse_frequency_weights, patch_file_class_weights
+from aerialseg.training import OPTIMIZERS, SegmentationTask, train
 
 # ---------------------------------------------------------------- class weights and config
 
@@ -206,7 +200,7 @@ def quick(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A private MLflow store in tmp_path, and no MLflow model logging (20 s of pip inference)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("aerialseg.training._log_model", lambda *args: None)
+    monkeypatch.setattr("aerialseg.training.log_model", lambda *args, **kwargs: None)
 
 
 def _params(patches_dir: Path, models: Path, **train_cfg: Any) -> Params:

@@ -30,20 +30,30 @@ def save_checkpoint(
 ) -> None:
     """Weights plus everything needed to feed the model: band order, normalisation, legend."""
     payload = {
-        "format": CHECKPOINT_FORMAT,
-        "model_args": dict(args),
+        **describe(args, bands=bands, stats=stats, patch_size=patch_size),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "bands": list(bands),
-        "band_mean": list(stats.mean),
-        "band_std": list(stats.std),
-        "patch_size": patch_size,
-        "classes": legend(),
-        "ignore_index": IGNORE_INDEX,
         "config": dict(config),
         "metrics": dict(metrics),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def describe(
+    args: Mapping[str, Any], *, bands: Sequence[str], stats: BandStats, patch_size: int
+) -> dict[str, Any]:
+    """What a model needs beside its weights to be used on new imagery (plain JSON data): the
+    checkpoint's metadata and the MLflow model's `metadata`, so both sources load alike."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_args": dict(args),
+        "bands": list(bands),
+        "band_mean": [float(v) for v in stats.mean],
+        "band_std": [float(v) for v in stats.std],
+        "patch_size": int(patch_size),
+        "classes": legend(),
+        "ignore_index": IGNORE_INDEX,
+    }
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

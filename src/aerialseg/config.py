@@ -181,6 +181,10 @@ class EvaluateConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = "aerialseg"
+    # Each trained model becomes a new version of this registered model, and `alias` moves to
+    # it, so `models:/<name>@<alias>` always means the newest. None: do not register.
+    registered_model: str | None = "aerialseg"
+    alias: str = "candidate"
 
 
 class Params(_Section):

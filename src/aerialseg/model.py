@@ -147,9 +147,9 @@ def _ensure_imagenet_reachable(encoder: str) -> None:
     raise WeightsUnavailableError(
         f"train.pretrained: imagenet weights for encoder {encoder!r} are not in the local cache "
         f"and {HUB_HOST[0]} cannot be reached (no network{', HF_HUB_OFFLINE is set' if offline else ''}). "
-        "Download them on a machine with internet (they land in the Hugging Face cache, "
-        "HF_HOME, which compute nodes can share), or set train.pretrained to the path of a "
-        "local weights file."
+        f"On a machine with internet (a login node) run `aerialseg prefetch-weights {encoder}`: "
+        "they land in the Hugging Face cache (HF_HOME), which compute nodes can share. Or set "
+        "train.pretrained to the path of a local encoder weights file (a torch state dict)."
     )
 
 

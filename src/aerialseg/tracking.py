@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import platform
+import re
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +18,9 @@ from typing import Any
 from aerialseg.files import atomic_path
 
 DEFAULT_DB = "mlflow.db"
+DVC_LOCK = Path("dvc.lock")
+HARDWARE_TAG = "hardware"
+LINEAGE_TAG_PREFIX = "dvc."
 
 
 def tracking_uri() -> str:
@@ -86,6 +92,143 @@ def reopen(ref: RunRef) -> Iterator[Any]:
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=ref.run_id) as run:
         yield run
+
+
+def log_model(
+    run_id: str,
+    model: Any,
+    metadata: Mapping[str, Any],
+    *,
+    registered_model: str | None = None,
+    alias: str | None = None,
+) -> str:
+    """Log `model` (a torch module) to the run as `model`, with `metadata` (checkpoint.describe)
+    so that `aerialseg predict` can feed it from the URI alone; register it and move `alias` to
+    the new version when `registered_model` is set. Returns the model URI to load it from."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.float().to(memory_format=torch.contiguous_format).cpu().eval()
+    size = int(metadata["patch_size"])
+    example = np.zeros((1, len(metadata["bands"]), size, size), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        # Pickle, not MLflow's traced pt2 default: a traced graph fixes the input size, and
+        # whole-tile prediction needs any size that is a multiple of 32.
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, output),
+            serialization_format="pickle",
+            metadata=dict(metadata),
+            registered_model_name=registered_model,
+        )
+    if registered_model and alias and info.registered_model_version is not None:
+        mlflow.MlflowClient().set_registered_model_alias(
+            registered_model, alias, str(info.registered_model_version)
+        )
+    return str(info.model_uri)
+
+
+def lock_entries(stages: Iterable[str], lock: Path = DVC_LOCK) -> dict[str, Any]:
+    """The `dvc.lock` entries (cmd, deps, params, outs with their hashes) of those `stages` it has.
+
+    A missing, unreadable or malformed lock (a first run, a copy without one) gives {}, never an error.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(lock).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    recorded = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        return {}
+    return {name: recorded[name] for name in stages if isinstance(recorded.get(name), dict)}
+
+
+def stage_digest(entry: Mapping[str, Any]) -> str:
+    """A short, stable fingerprint of one stage's `dvc.lock` entry: the first 12 hex digits of the
+    SHA-256 of its canonical JSON (keys sorted), so YAML formatting and key order do not matter."""
+    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def lineage_tags(stages: Iterable[str], lock: Path = DVC_LOCK) -> dict[str, str]:
+    """`{"dvc.<stage>": stage_digest(entry)}` for each of `stages` that `lock` records; {} without a lock.
+
+    Pass only stages that are up to date when the caller runs: during `dvc repro`, DVC rewrites a
+    stage's entry right after the stage finishes, so a stage sees its upstream stages' current
+    entries and its own previous one.
+    """
+    return {f"{LINEAGE_TAG_PREFIX}{name}": stage_digest(e) for name, e in lock_entries(stages, lock).items()}
+
+
+def log_lineage(run_id: str, stages: Iterable[str], lock: Path = DVC_LOCK) -> dict[str, str]:
+    """Tag run `run_id` with `lineage_tags(stages)` and log those `dvc.lock` entries as the artifact
+    `dvc/lock_at_<running stage>.json`; returns the tags.
+
+    Only when DVC runs the caller (DVC sets DVC_STAGE for every stage command): outside DVC, the
+    lock may describe other data than the files on disk, so nothing is recorded.
+    """
+    running = os.environ.get("DVC_STAGE")
+    if not running:
+        return {}
+    entries = lock_entries(stages, lock)
+    if not entries:
+        return {}
+    from mlflow import MlflowClient
+
+    tags = {f"{LINEAGE_TAG_PREFIX}{name}": stage_digest(entry) for name, entry in entries.items()}
+    client = MlflowClient(tracking_uri())
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", running)
+    client.log_dict(
+        run_id, {"dvc_stage": running, "digests": tags, "stages": entries}, f"dvc/lock_at_{safe}.json"
+    )
+    return tags
+
+
+def hardware_tag(device_type: str | None = None, world_size: int = 1, num_nodes: int = 1) -> str:
+    """What trained the model, for the leaderboard: `1x NVIDIA H100 80GB HBM3`, or
+    `CPU: <model> (N cores)`; `world_size` processes (DDP) over `num_nodes` nodes.
+
+    `device_type` is torch's (`cuda`, `cpu`, `mps`; Lightning: `trainer.strategy.root_device.type`);
+    None takes CUDA when it is available.
+    """
+    import torch
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    nodes = f" on {num_nodes} nodes" if num_nodes > 1 else ""
+    if device_type == "cuda" and torch.cuda.is_available():
+        return f"{max(world_size, 1)}x {torch.cuda.get_device_name(torch.cuda.current_device())}{nodes}"
+    if device_type == "mps":
+        return f"{max(world_size, 1)}x Apple MPS{nodes}"
+    processes = f", {world_size} processes" if world_size > 1 else ""
+    return f"CPU: {_cpu_model()} ({_cpu_cores()} cores{processes}){nodes}"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Processor") and value.strip():
+                return " ".join(value.split())
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_cores() -> int:
+    """The cores this process may use (a Slurm or container allocation), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _git(*args: str) -> str:

@@ -1,4 +1,4 @@
-"""Training with PyTorch Lightning: the losses, the task, the trainer, and the checkpoints.
+"""Training with PyTorch Lightning: the task, the trainer, and the checkpoints.
 
 Layout under `paths.models`:
 - `model.ckpt`: the self-describing checkpoint (best epoch by val_mean_f1), read by `evaluate`;
@@ -11,35 +11,41 @@ Only global rank 0 writes files or talks to MLflow, so a DDP run yields one run 
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
-from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from aerialseg.checkpoint import save_checkpoint
+from aerialseg.checkpoint import describe, save_checkpoint
 from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, Precision, TrainConfig
-from aerialseg.data import PatchDataset
+from aerialseg.data import SpectralJitter
+from aerialseg.datamodule import PatchData, RandomStreams
+from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
 from aerialseg.patches import PatchFileInfo, read_patch_info
-from aerialseg.tracking import RunRef, flatten, run_name, run_tags, tracking_uri
+from aerialseg.tracking import (
+    HARDWARE_TAG,
+    RunRef,
+    flatten,
+    hardware_tag,
+    log_lineage,
+    log_model,
+    run_name,
+    run_tags,
+    tracking_uri,
+)
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -57,74 +63,6 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 RUN_REF = "mlflow_run.json"
 HISTORY_KEY = "aerialseg_history"
-
-
-# ---------------------------------------------------------------- losses and class weights
-
-LOSSES = ("ce", "dice", "focal", "ce+dice")
-
-
-class SumLoss(nn.Module):
-    """The sum of several losses on the same logits and targets (e.g. CE + Dice)."""
-
-    def __init__(self, *losses: nn.Module) -> None:
-        super().__init__()
-        self.losses = nn.ModuleList(losses)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.stack([loss(logits, target) for loss in self.losses]).sum()
-
-
-def build_loss(name: str, class_weights: Sequence[float] | None = None) -> nn.Module:
-    """The loss `name`; `class_weights` weight the cross-entropy part (Dice and focal ignore them)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {list(LOSSES)}")
-    if class_weights is not None and name not in ("ce", "ce+dice"):
-        raise ValueError(f"class weights apply to the cross-entropy part of the loss; {name!r} has none")
-    weight = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
-    # nn.CrossEntropyLoss keeps `weight` as a buffer, so it follows the module to the GPU.
-    ce = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
-    if name == "ce":
-        return ce
-    dice = DiceLoss(mode="multiclass", ignore_index=IGNORE_INDEX)
-    if name == "dice":
-        return dice
-    if name == "focal":
-        return FocalLoss(mode="multiclass", ignore_index=IGNORE_INDEX)
-    return SumLoss(ce, dice)
-
-
-def class_counts(masks: Iterable[np.ndarray], num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Pixels per class over `masks`; the ignore label (and anything >= num_classes) is not counted."""
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for mask in masks:
-        values = np.asarray(mask).ravel()
-        counts += np.bincount(values[values < num_classes], minlength=num_classes)[:num_classes]
-    return counts
-
-
-def inverse_frequency_weights(counts: np.ndarray) -> list[float]:
-    """Weights proportional to 1 / class frequency, with mean 1 over the classes that occur.
-
-    A class with no pixels never appears in a target, so its weight cannot matter: it gets 0
-    rather than an infinite weight that would poison the normalisation.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    present = counts > 0
-    if not present.any():
-        raise ValueError("class weights: the masks contain no labelled pixel")
-    weights = np.zeros_like(counts)
-    weights[present] = counts[present].sum() / counts[present]
-    weights[present] /= weights[present].mean()
-    return [float(w) for w in weights]
-
-
-def patch_file_class_weights(path: Path, chunk: int = 64) -> list[float]:
-    """Inverse-frequency weights from the masks of an HDF5 patch file, read `chunk` patches at a time."""
-    with h5py.File(path, "r") as f:
-        masks = f["mask"]
-        chunks = (masks[i : i + chunk] for i in range(0, len(masks), chunk))
-        return inverse_frequency_weights(class_counts(chunks))
 
 
 # ---------------------------------------------------------------- the task
@@ -146,14 +84,17 @@ class SegmentationTask(L.LightningModule):
         class_weights: Sequence[float] | None = None,
         scheduler: str = "none",
         compile: bool = False,
+        jitter: SpectralJitter | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {list(SCHEDULERS)}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["jitter"])
         self.model = build_model(args, weights)
+        # Photometric augmentation of the training batches, where they already are (the GPU).
+        self.jitter = jitter
         self.loss = build_loss(loss, class_weights)
         # torchmetrics sums the matrix over DDP ranks, so every val pixel counts once.
         self.val_confusion = MulticlassConfusionMatrix(args["classes"], ignore_index=IGNORE_INDEX)
@@ -171,7 +112,9 @@ class SegmentationTask(L.LightningModule):
         return self.model(image)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch["image"]), batch["mask"])
+        # Here, not in on_after_batch_transfer: RandomStreams has just reseeded torch's generator.
+        image = batch["image"] if self.jitter is None else self.jitter(batch["image"])
+        loss = self.loss(self(image), batch["mask"])
         self.log(
             "train_loss",
             loss,
@@ -256,89 +199,6 @@ def build_optimizer(parameters: Any, name: str, lr: float, weight_decay: float) 
     return cls(parameters, **kwargs)
 
 
-class PatchData(L.LightningDataModule):
-    """Train and val loaders whose samplers shard the patches over the DDP ranks.
-
-    Built here rather than by Lightning (use_distributed_sampler=False) for two reasons: the
-    val sampler must not pad the last shard with repeated patches, which would count some
-    val pixels twice; and the train order must depend only on (seed, epoch), so that a resumed
-    run sees the same batches as an uninterrupted one.
-    """
-
-    def __init__(self, train: PatchFileInfo, val: PatchFileInfo, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.train_info, self.val_info, self.cfg = train, val, cfg
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        dataset = PatchDataset(self.train_info.path, augment=self.cfg.augment)
-        sampler: DistributedSampler[Any] = DistributedSampler(
-            dataset, num_replicas=self._world(), rank=self._rank(), shuffle=True, seed=self.cfg.seed
-        )
-        return self._loader(dataset, sampler)
-
-    def val_dataloader(self) -> DataLoader[Any]:
-        dataset = PatchDataset(self.val_info.path, augment=False)
-        sampler = UnrepeatedDistributedSampler(
-            dataset, num_replicas=self._world(), rank=self._rank(), shuffle=False
-        )
-        return self._loader(dataset, sampler)
-
-    def _loader(self, dataset: PatchDataset, sampler: DistributedSampler[Any]) -> DataLoader[Any]:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def _world(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
-
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer is not None else 0
-
-
-class RandomStreams(Callback):
-    """Reseed the random generators from (seed, epoch[, batch], rank) as training goes.
-
-    Each epoch's augmentation and each batch's dropout then depend on where training is, not
-    on how many random numbers earlier epochs, validation or the DataLoader drew; so a run
-    resumed from an epoch's checkpoint repeats the uninterrupted run exactly (with
-    num_workers 0: persistent DataLoader workers keep their own streams). Ranks get different
-    streams.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch_seed = self._reseed(trainer.current_epoch, trainer.global_rank)
-        # With num_workers 0 the augmentation runs in this process; PatchDataset seeds it from
-        # torch.initial_seed() when it first reads, which _reseed just made epoch_seed too.
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        augment = getattr(dataset, "augment", None)
-        if augment is not None:
-            augment.set_random_seed(epoch_seed)
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        # Lightning creates the epoch's DataLoader iterator (which draws a seed from torch's
-        # generator) at different points in fresh and resumed runs: reseed after it, per batch.
-        # (batch_idx + 1: a trailing 0 would give the epoch's own seed, SeedSequence pads with zeros.)
-        self._reseed(trainer.current_epoch, trainer.global_rank, batch_idx + 1)
-
-    def _reseed(self, *where: int) -> int:
-        seed = int(np.random.SeedSequence([self.seed, *where]).generate_state(1)[0])
-        random.seed(seed)
-        np.random.seed(seed)  # noqa: NPY002 - the global generator that libraries draw from
-        torch.manual_seed(seed)
-        return seed
-
-
 class RunReference(Callback):
     """Rank 0 writes the MLflow run id next to the checkpoints as soon as training starts,
     so that a crashed run can be resumed into the same MLflow run."""
@@ -352,6 +212,13 @@ class RunReference(Callback):
             return
         assert self.logger.run_id is not None and self.logger.experiment_id is not None
         RunRef(self.logger.run_id, self.logger.experiment_id, self.experiment).save(self.path)
+        # Tagged again on resume: the hardware may differ, and the upstream data must be the same.
+        self.logger.experiment.set_tag(
+            self.logger.run_id,
+            HARDWARE_TAG,
+            hardware_tag(trainer.strategy.root_device.type, trainer.world_size, trainer.num_nodes),
+        )
+        log_lineage(self.logger.run_id, ("scenes", "tiles", "patches"))
         if self.log_world_size:
             self.logger.log_hyperparams({"train.world_size": trainer.world_size})
 
@@ -408,11 +275,15 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         optimizer=cfg.optimizer,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        channels_last=precision != "32" or torch.cuda.is_available(),
+        # On CPUs as well: never slower there in `make bench`; GPU tensor cores want NHWC.
+        channels_last=True,
         loss=cfg.loss,
         class_weights=class_weights,
         scheduler=cfg.scheduler,
         compile=cfg.compile,
+        jitter=SpectralJitter(train_info.bands, train_info.stats.mean, train_info.stats.std)
+        if cfg.augment
+        else None,
     )
     out = params.paths.models
     ckpt_dir = out / CHECKPOINT_DIR
@@ -492,7 +363,13 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         pd.DataFrame(task.history).to_csv(out / "history.csv", index=False)
         assert logger.run_id is not None and logger.experiment_id is not None
         RunRef(logger.run_id, logger.experiment_id, params.tracking.experiment).save(out / RUN_REF)
-        _log_model(logger, network, train_info)
+        log_model(
+            logger.run_id,
+            network,
+            describe(args, bands=train_info.bands, stats=train_info.stats, patch_size=train_info.size),
+            registered_model=params.tracking.registered_model,
+            alias=params.tracking.alias,
+        )
     return final
 
 
@@ -524,20 +401,3 @@ def _selected_network(task: SegmentationTask, args: dict[str, Any], best: str) -
         return network.eval(), float(payload["epoch"])
     network.load_state_dict({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
     return network.eval(), task.history[-1]["epoch"] if task.history else -1.0
-
-
-def _log_model(logger: MLFlowLogger, model: nn.Module, info: PatchFileInfo) -> None:
-    import mlflow
-    from mlflow.models import infer_signature
-
-    model = model.float().to(memory_format=torch.contiguous_format).cpu().eval()
-    example = np.zeros((1, len(info.bands), info.size, info.size), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(tracking_uri())
-    with mlflow.start_run(run_id=logger.run_id):
-        # Pickle, not MLflow's traced pt2 default: a traced graph fixes the input size, and
-        # whole-tile prediction needs any size that is a multiple of 32.
-        mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(example, output), serialization_format="pickle"
-        )
