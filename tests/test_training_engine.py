@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, TrainConfig
-from aerialseg.model import model_args
 from aerialseg.losses import class_counts, inverse_frequency_weights, patch_file_class_weights
+from aerialseg.model import model_args
 from aerialseg.training import OPTIMIZERS, SegmentationTask, train
 
 # ---------------------------------------------------------------- class weights and config

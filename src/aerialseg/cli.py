@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from aerialseg import presets
 from aerialseg.config import ConfigError
+from aerialseg.leaderboard import leaderboard_command
 
 app = typer.Typer(help="Semantic segmentation of ISPRS aerial imagery: helpers around the DVC pipeline.")
 
 
 @app.callback()
 def main() -> None:
-    """Run from the project root (where params.yaml and dvc.yaml are)."""
+    """Run from the project root (where params.yaml and dvc.yaml are); `predict` and `export` run anywhere."""
 
 
 @app.command()
@@ -42,3 +43,114 @@ def prefetch_weights(
 
     smp.encoders.get_encoder(encoder, weights="imagenet")
     typer.echo(f"ImageNet weights for {encoder} are in the Hugging Face cache (HF_HOME)")
+
+
+MODEL_HELP = (
+    "an aerialseg checkpoint (models/model.ckpt) or an MLflow model URI: runs:/<run id>/model, "
+    "models:/aerialseg@candidate (store: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+)
+
+
+@app.command()
+def predict(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="GeoTIFFs, or folders of them (*.tif, *.tiff), with the model's bands"),
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="folder for <stem>.tif, <stem>.png, <stem>_probabilities.tif"),
+    ] = Path("predictions"),
+    window: Annotated[
+        int | None,
+        typer.Option(help="window size in px, a multiple of 32 (default: the training patch size)"),
+    ] = None,
+    overlap: Annotated[float, typer.Option(min=0.0, max=0.99, help="overlap of neighbouring windows")] = 0.5,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 4,
+    tta: Annotated[
+        Literal["none", "flip", "d4"],
+        typer.Option(
+            help="test-time augmentation: flip = h + v flips (evaluate.tta), d4 = flips x rotations"
+        ),
+    ] = "none",
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto = cuda if available")] = "auto",
+    precision: Annotated[Literal["32", "bf16"], typer.Option(help="bf16 = bfloat16 autocast")] = "32",
+    probabilities: Annotated[
+        bool, typer.Option(help="also write <stem>_probabilities.tif (uint8, probability x 255, per class)")
+    ] = False,
+    preview: Annotated[bool, typer.Option(help="also write <stem>.png in ISPRS colours")] = True,
+    preview_size: Annotated[int, typer.Option(min=16, help="longest side of the PNG preview in px")] = 2048,
+    progress: Annotated[bool, typer.Option(help="progress bar (lines when not a terminal)")] = True,
+) -> None:
+    """Class maps of GeoTIFFs of any size: sliding window with blending, read and written in blocks.
+
+    Outputs keep the input's CRS and transform; 255 marks nodata. Example:
+    `aerialseg predict data/tiles/7_image.tif --model models/model.ckpt --output predictions --tta flip`
+    """
+    from aerialseg.model_source import ModelSourceError, load_model
+    from aerialseg.predict import PredictError, PredictOptions, PredictResult, predict_paths, resolve_device
+
+    options = PredictOptions(
+        window=window,
+        overlap=overlap,
+        batch_size=batch_size,
+        tta=tta,
+        device=device,
+        precision=precision,
+        probabilities=probabilities,
+        preview=preview,
+        preview_size=preview_size,
+        progress=progress,
+    )
+
+    def report(result: PredictResult) -> None:
+        megapixels = result.height * result.width / 1e6
+        written = ", ".join(str(p) for p in result.outputs.all())
+        typer.echo(
+            f"{result.input}: {result.width} x {result.height} px, {result.windows} windows, "
+            f"{result.seconds:.1f} s ({result.seconds / megapixels:.2f} s/MP), "
+            f"{result.nodata_pixels} nodata px -> {written}"
+        )
+
+    try:
+        net, meta = load_model(model, resolve_device(device))
+        predict_paths(net, meta, inputs, output, options, model_name=model, on_done=report)
+    except (PredictError, ModelSourceError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the ONNX file to write")] = Path(
+        "model.onnx"
+    ),
+    exporter: Annotated[
+        Literal["dynamo", "torchscript"],
+        typer.Option(help="torch.export-based (default) or the legacy TorchScript exporter"),
+    ] = "dynamo",
+    check_size: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="height width of the parity check input (default: patch + 32, patch + 64)"),
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's)")] = None,
+) -> None:
+    """Write the network as ONNX (dynamic batch, height, width; metadata embedded) and check that
+    onnxruntime gives PyTorch's classes; a failed check fails the command and writes nothing."""
+    from aerialseg.export import ExportError, export_onnx
+    from aerialseg.model_source import ModelSourceError, load_model
+
+    try:
+        net, meta = load_model(model, "cpu")
+        result = export_onnx(net, meta, output, exporter=exporter, check_size=check_size, opset=opset)
+    except (ExportError, ModelSourceError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"{result.path}: ONNX ({result.exporter} exporter); onnxruntime check: {result.parity.describe()}"
+    )
+
+
+app.command("leaderboard")(leaderboard_command)

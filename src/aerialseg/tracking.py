@@ -12,12 +12,14 @@ import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from aerialseg.files import atomic_path
 
 DEFAULT_DB = "mlflow.db"
+MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "numpy")
 DVC_LOCK = Path("dvc.lock")
 HARDWARE_TAG = "hardware"
 LINEAGE_TAG_PREFIX = "dvc."
@@ -125,6 +127,9 @@ def log_model(
             signature=infer_signature(example, output),
             serialization_format="pickle",
             metadata=dict(metadata),
+            # What unpickling the network needs; stated, because MLflow's inference of it starts
+            # a subprocess that takes ~30 s on every run.
+            pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
             registered_model_name=registered_model,
         )
     if registered_model and alias and info.registered_model_version is not None:

@@ -1,0 +1,96 @@
+"""Where `aerialseg predict` and `aerialseg export` get a model: a checkpoint file or an MLflow URI.
+
+Both sources give the network and the same metadata (`checkpoint.describe`): band order,
+normalisation, patch size, legend. So the commands need nothing else to feed a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aerialseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+REQUIRED_METADATA = ("bands", "band_mean", "band_std", "patch_size", "classes")
+
+
+class ModelSourceError(ValueError):
+    """The model cannot be had from the given checkpoint path or MLflow URI."""
+
+
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(MLFLOW_SCHEMES)
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A checkpoint path or an MLflow model URI (`runs:/<id>/model`, `models:/<name>@<alias>`,
+    `models:/<name>/<version>`) -> (model in eval mode on `device`, metadata)."""
+    text = str(source)
+    meta: Any
+    if is_mlflow_uri(text):
+        model, meta = _load_mlflow(text, device)
+    else:
+        model, meta = _load_checkpoint(Path(text), device)
+    check_metadata(meta, text)
+    return model, dict(meta)
+
+
+def check_metadata(meta: Any, source: str) -> None:
+    """The metadata a model must carry to be used on new imagery."""
+    if not isinstance(meta, dict):
+        raise ModelSourceError(
+            f"{source}: the model carries no aerialseg metadata (bands, normalisation, patch size); "
+            "log it with aerialseg.tracking.log_model or use a checkpoint written by `train`"
+        )
+    missing = [key for key in REQUIRED_METADATA if key not in meta]
+    if missing:
+        raise ModelSourceError(f"{source}: the model's metadata lacks {missing}")
+    if not len(meta["bands"]) == len(meta["band_mean"]) == len(meta["band_std"]):
+        raise ModelSourceError(
+            f"{source}: metadata names {len(meta['bands'])} bands but has "
+            f"{len(meta['band_mean'])} means and {len(meta['band_std'])} standard deviations"
+        )
+
+
+def _load_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    if not path.exists():
+        raise ModelSourceError(
+            f"{path}: no such file; expected an aerialseg checkpoint (e.g. models/model.ckpt) "
+            "or an MLflow model URI (runs:/<run id>/model, models:/<name>@<alias>)"
+        )
+    if not path.is_file():
+        raise ModelSourceError(f"{path}: not a file; expected an aerialseg checkpoint")
+    try:
+        return load_checkpoint(path, device)
+    except ValueError as err:  # not our format
+        raise ModelSourceError(str(err)) from err
+    except (RuntimeError, OSError, EOFError) as err:  # not a torch file, truncated, other weights
+        raise ModelSourceError(
+            f"{path}: not a readable aerialseg checkpoint (expected format {CHECKPOINT_FORMAT!r}): {err}"
+        ) from err
+
+
+def _load_mlflow(uri: str, device: str | torch.device) -> tuple[nn.Module, Any]:
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    from aerialseg.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        meta = mlflow.models.get_model_info(uri).metadata
+        model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
+    except (MlflowException, OSError) as err:
+        raise ModelSourceError(
+            f"{uri}: cannot load the MLflow model from tracking store {tracking_uri()} "
+            f"(set MLFLOW_TRACKING_URI to the store the model was logged to): {err}"
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(f"{uri}: expected a PyTorch model, got {type(model).__name__}")
+    model.to(device).eval()
+    return model, meta

@@ -1,0 +1,408 @@
+"""`aerialseg predict`: streaming = in-memory prediction, the evaluate stage's classes, the input's
+grid, nodata, bounded reads, MLflow URIs, and a clear error (and no output) for each bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from PIL import Image
+from rasterio.crs import CRS
+from torch import nn
+from typer.testing import CliRunner
+
+from aerialseg.checkpoint import describe, save_checkpoint
+from aerialseg.classes import CLASSES
+from aerialseg.cli import app
+from aerialseg.config import Params
+from aerialseg.datasets.tiles_table import read_tiles_table
+from aerialseg.evaluation import evaluate
+from aerialseg.inference import predict_probabilities
+from aerialseg.model import build_model, model_args
+from aerialseg.patches import BandStats
+from aerialseg.predict import ArrayRows, predict_array, stream_blocks
+from aerialseg.raster import GeoReference, write_raster
+from aerialseg.tracking import RunRef, log_model
+
+BANDS = ["ir", "r", "g", "dsm"]
+STATS = BandStats(mean=(0.45, 0.35, 0.3, 2.0), std=(0.2, 0.15, 0.15, 3.0))
+PATCH = 64
+# A projected CRS other than the synthetic scenes' and a rotated grid with non-square pixels:
+# the output must keep both exactly.
+CRS_3035 = CRS.from_epsg(3035)
+ROTATED = Affine.translation(4_321_000.5, 3_210_000.25) @ Affine.rotation(20) @ Affine.scale(0.3, -0.2)
+
+runner = CliRunner()
+
+
+class Pixelwise(nn.Module):
+    """A 1x1 convolution: no context, so flips and rotations must not change its answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(len(BANDS), len(CLASSES), kernel_size=1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += len(x)
+        return self.conv(x)
+
+
+@pytest.fixture(scope="module")
+def network() -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """An untrained network with context (ResNet18 encoder, batch norm, bilinear upsampling; the
+    decoder-less fcn_skip, the cheapest on a CPU), its model args and its metadata."""
+    torch.manual_seed(0)
+    args = model_args("fcn_skip", "resnet18", len(BANDS), len(CLASSES))
+    return build_model(args).eval(), args, describe(args, bands=BANDS, stats=STATS, patch_size=PATCH)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, network: Any) -> Path:
+    model, args, _ = network
+    path = tmp_path_factory.mktemp("models") / "model.ckpt"
+    save_checkpoint(path, model, args, bands=BANDS, stats=STATS, patch_size=PATCH, config={}, metrics={})
+    return path
+
+
+def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth, scene-like bands (a random field, blurred), so classes vary over the raster."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 1, (len(BANDS), height // 16 + 2, width // 16 + 2)).astype(np.float32)
+    image = coarse.repeat(16, axis=1).repeat(16, axis=2)[:, :height, :width]
+    image += rng.normal(0, 0.05, image.shape).astype(np.float32)
+    image[3] *= 10.0  # heights in metres
+    return image
+
+
+def _normalised(image: np.ndarray) -> np.ndarray:
+    mean = np.asarray(STATS.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(STATS.std, dtype=np.float32)[:, None, None]
+    return (image - mean) / std
+
+
+def _write(path: Path, image: np.ndarray, nodata: float | None = None) -> Path:
+    return write_raster(path, image, GeoReference(CRS_3035, ROTATED), nodata=nodata)
+
+
+def _predict(*args: str) -> Any:
+    return runner.invoke(app, ["predict", *args, "--no-progress"])
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --------------------------------------------------------------------------- the streaming core
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "overlap", "batch", "tta"),
+    [
+        (128, 192, 0.5, 3, "none"),  # several window rows, batches straddling them
+        (96, 100, 0.25, 5, "flip"),  # the pipeline's TTA; last window shifted in on both axes
+        (40, 130, 0.5, 2, "none"),  # shorter than a window: padded by reflection
+    ],
+)
+def test_streaming_gives_the_in_memory_probabilities_bit_for_bit(
+    network: Any, height: int, width: int, overlap: float, batch: int, tta: str
+) -> None:
+    model = network[0]
+    image = _normalised(_image(height, width))
+    expected = predict_probabilities(
+        model, image, window=PATCH, overlap=overlap, batch_size=batch, tta=tta == "flip"
+    )
+    got = predict_array(model, image, window=PATCH, overlap=overlap, batch_size=batch, tta=tta)  # type: ignore[arg-type]
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected)
+
+
+class RecordingRows(ArrayRows):
+    def __init__(self, image: np.ndarray) -> None:
+        super().__init__(image)
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray | None]:
+        self.reads.append((top, bottom))
+        return super().read(top, bottom)
+
+
+def test_rows_are_read_once_and_handed_on_as_soon_as_they_are_final() -> None:
+    """Bounded memory, structurally: a tall raster is read in increasing, non-overlapping row
+    ranges, and each block of finished rows comes out while the reader is at most about one
+    window (+ one stride) below it, however tall the raster."""
+    height, width, window = 2048, 96, 64
+    rows = RecordingRows(np.random.default_rng(0).standard_normal((4, height, width)).astype(np.float32))
+    net = Pixelwise().eval()
+    covered = 0
+    for block in stream_blocks(net, rows, window=window, overlap=0.5, batch_size=4):
+        assert block.row == covered
+        covered += block.probabilities.shape[1]
+        read_to = max(bottom for _, bottom in rows.reads)
+        assert read_to - covered <= window + window // 2
+    assert covered == height
+    assert [top for top, _ in rows.reads[1:]] == [bottom for _, bottom in rows.reads[:-1]]
+    assert rows.reads[-1][1] == height
+
+
+def test_d4_tta_inverts_each_view() -> None:
+    """A pixelwise model commutes with flips and rotations: d4 (8 views) must give its plain answer."""
+    image = np.random.default_rng(3).standard_normal((4, 96, 128)).astype(np.float32)
+    net = Pixelwise().eval()
+    plain = predict_array(net, image, window=64, overlap=0.5)
+    calls = net.calls
+    d4 = predict_array(net, image, window=64, overlap=0.5, tta="d4")
+    assert net.calls - calls == 8 * calls
+    np.testing.assert_allclose(d4, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_runs_and_returns_float32_probabilities() -> None:
+    image = np.random.default_rng(4).standard_normal((4, 64, 96)).astype(np.float32)
+    net = Pixelwise().eval()
+    fp32 = predict_array(net, image, window=64, overlap=0.5)
+    bf16 = predict_array(net, image, window=64, overlap=0.5, precision="bf16")
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16.sum(axis=0), 1.0, atol=1e-3)
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+
+
+# --------------------------------------------------------------------------- GeoTIFF in, GeoTIFF out
+
+
+def test_predict_keeps_the_grid_and_gives_the_in_memory_classes(
+    tmp_path: Path, network: Any, checkpoint: Path
+) -> None:
+    """A raster of several windows (and two output tile rows) on a rotated EPSG:3035 grid."""
+    image = _image(272, 288)
+    source = _write(tmp_path / "scene.tif", image)
+    out = tmp_path / "out"
+    result = _predict(str(source), "--model", str(checkpoint), "--output", str(out), "--probabilities",
+                      "--preview-size", "100", "--overlap", "0.25")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _listing(out) == ["scene.png", "scene.tif", "scene_probabilities.tif"]
+
+    probs = predict_probabilities(network[0], _normalised(image), window=PATCH, overlap=0.25, batch_size=4)
+    with rasterio.open(out / "scene.tif") as dst, rasterio.open(source) as src:
+        assert (dst.crs, dst.transform, dst.width, dst.height) == (src.crs, src.transform, 288, 272)
+        assert dst.crs == CRS_3035 and dst.transform == ROTATED
+        assert dst.count == 1 and dst.dtypes[0] == "uint8" and dst.nodata == 255
+        assert dst.profile["tiled"] and dst.block_shapes[0] == (256, 256)
+        assert dst.compression is not None and dst.compression.value == "DEFLATE"
+        colormap = dst.colormap(1)
+        assert all(colormap[c.index][:3] == c.colour for c in CLASSES)
+        classes = dst.read(1)
+    assert np.array_equal(classes, probs.argmax(axis=0))
+    assert len(np.unique(classes)) > 1  # a meaningful comparison
+    with rasterio.open(out / "scene_probabilities.tif") as pdst:
+        assert (pdst.count, pdst.dtypes[0], pdst.transform) == (len(CLASSES), "uint8", ROTATED)
+        assert pdst.scales == (1 / 255,) * len(CLASSES)
+        assert pdst.descriptions == tuple(c.name for c in CLASSES)
+        assert np.array_equal(pdst.read(), np.rint(probs * 255).astype(np.uint8))
+    with Image.open(out / "scene.png") as png:
+        assert png.size == (96, 91)  # every 3rd pixel of 288 x 272
+
+
+def test_nodata_pixels_get_class_255_and_zero_probability(
+    tmp_path: Path, network: Any, checkpoint: Path
+) -> None:
+    image = _image(96, 160, seed=5)
+    invalid = np.zeros(image.shape[1:], bool)
+    image[:, 10:40, 20:70] = -9999.0  # nodata in every band
+    image[1, 80, 150] = -9999.0  # in one band only: the pixel cannot be predicted either
+    image[3, 5, 5] = np.nan  # not a number
+    invalid[10:40, 20:70] = invalid[80, 150] = invalid[5, 5] = True
+    source = _write(tmp_path / "holes.tif", image, nodata=-9999.0)
+    out = tmp_path / "out"
+    result = _predict(str(source), "-m", str(checkpoint), "-o", str(out), "--probabilities", "--no-preview")
+    assert result.exit_code == 0, result.output
+    assert f"{invalid.sum()} nodata px" in result.output
+
+    # The network sees the band mean (0 after normalisation) where the input has no data.
+    filled = _normalised(image)
+    filled[:, invalid] = 0.0
+    expected = predict_probabilities(network[0], filled, window=PATCH, overlap=0.5).argmax(axis=0)
+    expected[invalid] = 255
+    with rasterio.open(out / "holes.tif") as dst:
+        assert dst.nodata == 255
+        assert np.array_equal(dst.read(1), expected)
+    with rasterio.open(out / "holes_probabilities.tif") as pdst:
+        probs = pdst.read()
+        assert not probs[:, invalid].any()
+        assert np.array_equal(pdst.dataset_mask() == 0, invalid)
+
+
+def test_a_folder_is_predicted_file_by_file(tmp_path: Path, checkpoint: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "a.tif", _image(70, 90, seed=1))
+    _write(folder / "b.tiff", _image(64, 64, seed=2))
+    (folder / "notes.txt").write_text("not a raster, not a .tif: ignored\n")
+    out = tmp_path / "out"
+    result = _predict(str(folder), "-m", str(checkpoint), "-o", str(out), "--tta", "d4")
+    assert result.exit_code == 0, result.output
+    assert _listing(out) == ["a.png", "a.tif", "b.png", "b.tif"]
+    with rasterio.open(out / "a.tif") as a, rasterio.open(out / "b.tif") as b:
+        assert (a.height, a.width, b.height, b.width) == (70, 90, 64, 64)
+
+
+# --------------------------------------------------------------------------- the pipeline and MLflow
+
+
+@pytest.fixture(scope="module")
+def evaluated(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_tiles: Path, network: Any
+) -> Iterator[dict[str, Any]]:
+    """The `evaluate` stage run on the synthetic test tile with the untrained network, whose MLflow
+    run also holds the network as a logged, registered model (alias `candidate`)."""
+    model, args, meta = network
+    root = tmp_path_factory.mktemp("evaluated")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        # MLflow infers a model's pip requirements by loading it in a subprocess (~30 s here); the
+        # fallback list is as good for a test, and loading does not depend on it.
+        mp.setenv("MLFLOW_REQUIREMENTS_INFERENCE_TIMEOUT", "1")
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        experiment = mlflow.create_experiment("predict", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run:
+            pass
+        models = root / "models"
+        save_checkpoint(
+            models / "model.ckpt",
+            model,
+            args,
+            bands=BANDS,
+            stats=STATS,
+            patch_size=PATCH,
+            config={},
+            metrics={},
+        )
+        RunRef(run.info.run_id, experiment, "predict").save(models / "mlflow_run.json")
+        params = Params.model_validate(
+            {
+                "paths": {
+                    "tiles": str(synthetic_tiles),
+                    "models": str(models),
+                    "reports": str(root / "reports"),
+                },
+                "data": {"val_tiles": [3], "test_tiles": [4]},
+                "evaluate": {"overlap": 0.5, "batch_size": 4, "tta": False},
+            }
+        )
+        evaluate(params)
+        log_model(run.info.run_id, model, meta, registered_model="aerialseg-test", alias="candidate")
+        tile = read_tiles_table(synthetic_tiles, "test").iloc[0]
+        yield {
+            "root": root,
+            "checkpoint": models / "model.ckpt",
+            "run_id": run.info.run_id,
+            "image": synthetic_tiles / str(tile["image"]),
+            "evaluated": root / "reports" / "predictions" / f"{tile['tile']}.tif",
+        }
+
+
+def test_predict_gives_the_classes_of_the_evaluate_stage(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    image: Path = evaluated["image"]
+    result = _predict(str(image), "-m", str(evaluated["checkpoint"]), "-o", str(tmp_path), "--no-preview")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(evaluated["evaluated"]) as ref, rasterio.open(tmp_path / f"{image.stem}.tif") as got:
+        assert (got.crs, got.transform, got.shape) == (ref.crs, ref.transform, ref.shape)
+        assert np.array_equal(got.read(1), ref.read(1))
+
+
+@pytest.mark.parametrize("uri", ["runs:/{run_id}/model", "models:/aerialseg-test@candidate"])
+def test_an_mlflow_model_uri_predicts_like_the_checkpoint(
+    evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{evaluated['root'] / 'mlflow.db'}")
+    image: Path = evaluated["image"]
+    result = _predict(str(image), "-m", uri.format(run_id=evaluated["run_id"]), "-o", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    with rasterio.open(evaluated["evaluated"]) as ref, rasterio.open(tmp_path / f"{image.stem}.tif") as got:
+        assert np.array_equal(got.read(1), ref.read(1))
+        assert json.loads(got.tags()["aerialseg_classes"])[1]["name"] == "building"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _missing(folder: Path) -> Path:
+    return folder / "missing.tif"
+
+
+def _text(folder: Path) -> Path:
+    path = folder / "text.tif"
+    path.write_text("hello, not a raster\n")
+    return path
+
+
+def _truncated(folder: Path) -> Path:
+    path = _write(
+        folder / "cut.tif", np.random.default_rng(0).uniform(0, 1, (4, 300, 300)).astype(np.float32)
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])  # the header is intact, tiles are gone
+    return path
+
+
+def _three_bands(folder: Path) -> Path:
+    return _write(folder / "rgb.tif", np.zeros((3, 80, 80), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_missing, "no such file"),
+        (_text, "not a readable raster"),
+        (_truncated, "truncated or corrupt"),
+        (_three_bands, "3 band(s), but the model expects"),
+    ],
+    ids=["missing", "not-a-raster", "truncated", "wrong-band-count"],
+)
+def test_bad_input_fails_naming_the_file_and_leaves_no_output(
+    tmp_path: Path, checkpoint: Path, make: Any, message: str
+) -> None:
+    source: Path = make(tmp_path)
+    out = tmp_path / "out"
+    result = _predict(str(source), "-m", str(checkpoint), "-o", str(out), "--probabilities")
+    assert result.exit_code == 1
+    assert str(source) in result.output and message in result.output
+    assert "4 bands (ir, r, g, dsm, in that order)" in result.output
+    assert _listing(out) == []  # not even a temporary file
+
+
+def test_a_bad_file_in_a_folder_stops_before_anything_is_written(tmp_path: Path, checkpoint: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "a.tif", _image(64, 64))
+    (folder / "b.tif").write_text("not a raster")
+    result = _predict(str(folder), "-m", str(checkpoint), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "b.tif" in result.output
+    assert _listing(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "nowhere.ckpt"], "nowhere.ckpt: no such file"),
+        (["--window", "100"], "multiple of 32"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
+def test_bad_options_fail_clearly(tmp_path: Path, checkpoint: Path, args: list[str], message: str) -> None:
+    source = _write(tmp_path / "ok.tif", _image(64, 64))
+    result = _predict(str(source), "-m", str(checkpoint), "-o", str(tmp_path / "out"), *args)
+    assert result.exit_code == 1 and message in result.output
+    assert _listing(tmp_path / "out") == []
