@@ -53,6 +53,10 @@ bench: install ## measure training, loading and inference speed -> reports/bench
 	cd benchmarks && for b in bench_*.py; do BENCH_RESULTS=../reports/bench.json python $$b || exit 1; done
 	cd benchmarks && BENCH_RESULTS=../reports/bench.json python report.py
 
+.PHONY: gallery
+gallery: install ## docs/gallery/*.png for the README, from the last pipeline run's reports (run make repro first)
+	python -m aerialseg.reports
+
 preset-%: install ## switch params.yaml to presets/<name>.yaml: preset-lecture, preset-benchmark-vaihingen, ...
 	aerialseg preset $*
 

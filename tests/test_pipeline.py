@@ -84,15 +84,55 @@ def test_metrics_file_has_the_isprs_figures(project: Path) -> None:
     for key in ("overall_accuracy", "mean_f1", "miou", "mean_f1_5", "miou_5", "overall_accuracy_full"):
         assert 0.0 <= metrics[key] <= 1.0
     assert -1.0 <= metrics["kappa"] <= 1.0
-    assert metrics["tiles"]["area4"]["overall_accuracy_full"] == metrics["overall_accuracy_full"]
-    assert set(metrics["per_class"]) >= {"impervious_surfaces", "building", "low_vegetation", "tree", "car"}
-    assert set(metrics["per_class"]["building"]) == {"support", "precision", "recall", "f1", "iou"}
-    assert list(metrics["tiles"]) == ["area4"]
+    # metrics.json is the summary `dvc metrics show` prints; scores.json holds the details.
+    assert set(metrics) == {
+        "overall_accuracy",
+        "kappa",
+        "mean_f1",
+        "miou",
+        "mean_f1_5",
+        "miou_5",
+        "overall_accuracy_full",
+        "pixels",
+        "f1",
+        "mlflow_run_id",
+    }
+    details = json.loads((project / "reports" / "scores.json").read_text())
+    assert {k: details[k] for k in metrics if k != "f1"} == {k: v for k, v in metrics.items() if k != "f1"}
+    assert metrics["f1"] == {name: cls["f1"] for name, cls in details["per_class"].items()}
+    assert details["tiles"]["area4"]["overall_accuracy_full"] == metrics["overall_accuracy_full"]
+    assert set(details["per_class"]) >= {"impervious_surfaces", "building", "low_vegetation", "tree", "car"}
+    assert set(details["per_class"]["building"]) == {"support", "precision", "recall", "f1", "iou"}
+    assert list(details["tiles"]) == ["area4"]
     cm = (project / "reports" / "confusion_matrix.csv").read_text().splitlines()
     assert len(cm) == 7 and cm[0].startswith("reference,impervious_surfaces")
     assert sum(int(v) for line in cm[1:] for v in line.split(",")[1:]) == metrics["pixels"]
-    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "predictions/area4.png"):
+    per_class = (project / "reports" / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,f1,precision,recall,iou" and len(per_class) == 7
+    for name in (
+        "confusion_matrix.png",
+        "confusion_matrix_normalized.png",
+        "per_class_f1.png",
+        "training_curves.png",
+        "overlays/area4.png",
+        "predictions/area4.png",
+    ):
         assert (project / "reports" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dvc_plots_show_renders_the_curves_bars_and_images(project: Path, tmp_path: Path) -> None:
+    # Rendered outside the project: its git status stays clean for `dvc exp run` below.
+    output = _run(project, "dvc", "plots", "show", "--json", "-o", str(tmp_path))
+    shown, _ = json.JSONDecoder().raw_decode(output)  # stdout's JSON; stderr follows it
+    assert "errors" not in shown, shown.get("errors")
+    plots = shown["data"]
+    assert {"loss", "validation_metrics", "test_f1_per_class"} <= set(plots)
+    for name in ("loss", "validation_metrics", "test_f1_per_class"):
+        assert [p["type"] for p in plots[name]] == ["vega"]
+    bars = plots["test_f1_per_class"][0]["content"]["data"]["values"]
+    assert {row["class"] for row in bars} >= {"building", "tree"}
+    assert [p["type"] for p in plots["reports/confusion_matrix.png"]] == ["image"]
+    assert [p["type"] for p in plots["reports/overlays/area4.png"]] == ["image"]
 
 
 def test_prediction_geotiff_keeps_the_tile_georeference(project: Path) -> None:
@@ -122,7 +162,19 @@ def test_the_mlflow_run_holds_params_curves_metrics_and_model(project: Path) -> 
     for key in ("test_overall_accuracy", "test_mean_f1", "test_miou", "test_kappa", "train_seconds"):
         assert key in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.csv", "evaluation/confusion_matrix.png"} <= artifacts
+    assert {
+        "evaluation/metrics.json",
+        "evaluation/scores.json",
+        "evaluation/per_class.csv",
+        "evaluation/confusion_matrix.csv",
+        "evaluation/confusion_matrix.png",
+        "evaluation/per_class_f1.png",
+        "evaluation/training_curves.png",
+        "evaluation/overlays",
+    } <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation/overlays")} == {
+        "evaluation/overlays/area4.png"
+    }
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     assert model(torch.zeros(1, 4, 64, 64)).shape == (1, 6, 64, 64)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from aerialseg.model import check_input_size
+from aerialseg.progress import progress_bar
 from aerialseg.windows import Window, window_grid
 
 
@@ -22,12 +23,14 @@ def predict_probabilities(
     batch_size: int = 4,
     tta: bool = False,
     device: str | torch.device = "cpu",
+    progress: str | None = None,
 ) -> np.ndarray:
     """(bands, H, W) normalised image -> (classes, H, W) float32 class probabilities.
 
     Every pixel's probabilities are the mean over all windows that cover it (plus flipped
     views with `tta`), so window borders, where the network sees least context, do not win
-    over window centres the way last-write-wins stitching lets them.
+    over window centres the way last-write-wins stitching lets them. `progress` names a
+    progress bar over the windows (aerialseg.progress); None shows none.
     """
     check_input_size(window, window)
     _, height, width = image.shape
@@ -38,14 +41,16 @@ def predict_probabilities(
     grid = window_grid(image.shape[1], image.shape[2], window, overlap)
     total: np.ndarray | None = None
     counts = np.zeros(image.shape[1:], dtype=np.float32)
-    for batch_windows in _batches(grid, batch_size):
-        x = torch.from_numpy(np.stack([image[(slice(None), *w.slices)] for w in batch_windows])).to(device)
-        probs = _forward(model, x.float(), tta).cpu().numpy()
-        if total is None:
-            total = np.zeros((probs.shape[1], *image.shape[1:]), dtype=np.float32)
-        for w, p in zip(batch_windows, probs, strict=True):
-            total[(slice(None), *w.slices)] += p
-            counts[w.slices] += 1.0
+    with progress_bar(progress, total=len(grid), unit="window") as bar:
+        for batch_windows in _batches(grid, batch_size):
+            x = torch.from_numpy(np.stack([image[(slice(None), *w.slices)] for w in batch_windows]))
+            probs = _forward(model, x.to(device).float(), tta).cpu().numpy()
+            if total is None:
+                total = np.zeros((probs.shape[1], *image.shape[1:]), dtype=np.float32)
+            for w, p in zip(batch_windows, probs, strict=True):
+                total[(slice(None), *w.slices)] += p
+                counts[w.slices] += 1.0
+            bar.update(len(batch_windows))
     assert total is not None
     return (total / counts)[:, :height, :width]
 

@@ -35,6 +35,7 @@ from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
 from aerialseg.patches import PatchFileInfo, read_patch_info
+from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
     HARDWARE_TAG,
     RunRef,
@@ -315,6 +316,8 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         best,
         last,
         RandomStreams(cfg.seed),
+        # Lightning's bar on a terminal; one plain line per epoch in logs (DVC, Slurm).
+        training_progress_bar(),
         RunReference(logger, ckpt_dir / RUN_REF, params.tracking.experiment, log_world_size=run_id is None),
         *callbacks,
     ]

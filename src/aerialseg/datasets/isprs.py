@@ -30,6 +30,7 @@ from aerialseg.datasets.isprs_files import TileFiles, find_tiles
 from aerialseg.datasets.isprs_layout import LAYOUTS, DatasetLayout
 from aerialseg.datasets.tiles_table import SPLITS, TABLE_COLUMNS, TILES_CSV, read_tiles_table
 from aerialseg.files import atomic_path
+from aerialseg.progress import track
 
 __all__ = [
     "SPLITS",
@@ -58,7 +59,7 @@ def build_tiles(raw_dir: Path, out_dir: Path, data: DataConfig) -> pd.DataFrame:
         tmp.mkdir()
         rows = [
             _convert(tiles[tile_id], plans[tile_id], layout, data, tmp, split)
-            for tile_id, split in splits.items()
+            for tile_id, split in track(splits.items(), "tiles", unit="tile")
         ]
         table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
         table.to_csv(tmp / TILES_CSV, index=False)
