@@ -180,6 +180,30 @@ def test_the_mlflow_run_holds_params_curves_metrics_and_model(project: Path) -> 
     assert model(torch.zeros(1, 4, 64, 64)).shape == (1, 6, 64, 64)
 
 
+def test_dvc_and_mlflow_link_both_ways(project: Path) -> None:
+    from aerialseg.tracking import lineage_tags, lock_entries
+
+    # DVC -> MLflow: the metrics file and the train output name the run.
+    run_id = json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"]
+    assert json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"] == run_id
+    client = _client(project)
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    # MLflow -> DVC: code, hardware, training time and the dvc.lock entries it came from.
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("True", "False")
+    assert tags["hardware"].startswith(("CPU: ", "1x ")), tags["hardware"]
+    assert run.data.metrics["train_seconds"] > 0
+    expected = lineage_tags(("scenes", "tiles", "patches", "train"), project / "dvc.lock")
+    assert set(expected) == {"dvc.scenes", "dvc.tiles", "dvc.patches", "dvc.train"}
+    assert {k: tags.get(k) for k in expected} == expected
+    train = lock_entries(["train"], project / "dvc.lock")["train"]
+    assert "models/mlflow_run.json" in {out["path"] for out in train["outs"]}
+    logged = client.download_artifacts(run_id, "dvc/lock_at_evaluate.json", str(project / ".dl"))
+    assert json.loads(Path(logged).read_text())["digests"] == expected
+    # The registry: the newest model is the `candidate` of the registered model.
+    assert client.get_model_version_by_alias("aerialseg", "candidate").run_id == run_id
+
+
 def test_second_repro_runs_nothing(project: Path) -> None:
     assert _stages_run(_run(project, "dvc", "repro")) == set()
 
@@ -210,6 +234,12 @@ def test_dvc_experiment_makes_a_new_run_and_shows_its_metrics(project: Path) -> 
     assert "one-epoch" in text and "overall_accuracy" in text and "mean_f1" in text
     metrics = json.loads(_run(project, "dvc", "metrics", "show", "--json"))
     assert "miou" in json.dumps(metrics) and "kappa" in json.dumps(metrics)
+    from aerialseg.tracking import lineage_tags
+
+    assert new[0].data.tags.get("dvc.train") == lineage_tags(["train"], project / "dvc.lock")["dvc.train"]
+    # The leaderboard ranks every run of the experiment, this one included.
+    table = _run(project, "aerialseg", "leaderboard", "--format", "csv")
+    assert "one-epoch" in table and all(r.info.run_id in table for r in runs)
 
 
 def _experiment_id(project: Path) -> str:
