@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro test test-fast lint format lock bench clean
+.PHONY: help install repro test test-fast test-slurm lint format lock bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: install ## the whole test suite, the slow end-to-end pipeline test include
 
 test-fast: install ## the test suite without the slow end-to-end tests
 	pytest -m "not slow"
+
+test-slurm: install ## only the one-node Slurm test (installs slurm-wlm + munge when root and missing)
+	pytest -m slurm
 
 lint: install ## ruff (lint + format check) and mypy
 	ruff check .

@@ -21,7 +21,8 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -204,13 +205,14 @@ class RunReference(Callback):
     """Rank 0 writes the MLflow run id next to the checkpoints as soon as training starts,
     so that a crashed run can be resumed into the same MLflow run."""
 
-    def __init__(self, logger: MLFlowLogger, path: Path, experiment: str, log_world_size: bool) -> None:
+    def __init__(self, logger: Logger, path: Path, experiment: str, log_world_size: bool) -> None:
         self.logger, self.path, self.experiment = logger, path, experiment
         self.log_world_size = log_world_size
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        assert isinstance(self.logger, MLFlowLogger)
         assert self.logger.run_id is not None and self.logger.experiment_id is not None
         RunRef(self.logger.run_id, self.logger.experiment_id, self.experiment).save(self.path)
         # Tagged again on resume: the hardware may differ, and the upstream data must be the same.
@@ -289,14 +291,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     out = params.paths.models
     ckpt_dir = out / CHECKPOINT_DIR
     resume_from, run_id = _resume_point(ckpt_dir, cfg.resume)
-    logger = MLFlowLogger(
-        experiment_name=params.tracking.experiment,
-        run_name=run_name(params.model.encoder),
-        tracking_uri=tracking_uri(),
-        tags=run_tags(),
-        log_model=False,
-        run_id=run_id,
-    )
+    logger = _run_logger(params, run_id)
     if run_id is None:
         # Everything that shapes the model; evaluate.* goes on the run as tags when `evaluate` runs.
         # A resumed run keeps the parameters it was started with (MLflow refuses to change them).
@@ -350,6 +345,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     final = {**(task.history[-1] if task.history else {}), "train_seconds": seconds}
     # Rank 0 only, and nothing in here may be a collective call: the other ranks have left.
     if trainer.is_global_zero:
+        assert isinstance(logger, MLFlowLogger)
         logger.log_metrics({"train_seconds": seconds})
         network, epoch = _selected_network(task, args, best.best_model_path)
         selected = next((row for row in task.history if row["epoch"] == epoch), final)
@@ -374,6 +370,26 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
             alias=params.tracking.alias,
         )
     return final
+
+
+def _run_logger(params: Params, run_id: str | None) -> Logger:
+    """The MLflow logger on rank 0; a no-op logger on the other ranks.
+
+    Lightning's MLFlowLogger opens the store as soon as it exists, on every rank: processes
+    started together (srun, torchrun) would all create the tables of a new SQLite store at
+    once, and one dies of "duplicate column". Only rank 0 logs anyway.
+    """
+    # Before the trainer exists, rank_zero_only.rank comes from the launcher's environment.
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return DummyLogger()
+    return MLFlowLogger(
+        experiment_name=params.tracking.experiment,
+        run_name=run_name(params.model.encoder),
+        tracking_uri=tracking_uri(),
+        tags=run_tags(),
+        log_model=False,
+        run_id=run_id,
+    )
 
 
 def _resume_point(ckpt_dir: Path, resume: bool) -> tuple[Path | None, str | None]:
