@@ -3,79 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["pipeline", "src", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
-TINY = {
-    "synthetic": {"tiles": 4, "size": 128},
-    "data": {"val_tiles": [3], "test_tiles": [4]},
-    "patches": {"size": 64, "overlap": 0.5},
-    "model": {"encoder": "resnet18"},
-    "train": {"epochs": 2, "batch_size": 4, "num_workers": 0, "limit_train_batches": 2},
-}
+from project_copy import copy_project, mlflow_client, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
 
 def _run(project: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    # The copy's own code, not the installed one, so dvc.yaml's code deps are what runs.
-    env["PYTHONPATH"] = str(project / "src")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, (
-        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
+    result = run(project, *args)
     return result.stdout + result.stderr
-
-
-def _set_params(project: Path, updates: dict[str, dict[str, Any]]) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in updates.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
-def _client(project: Path) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        src, dst = ROOT / name, project / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst)
-    _set_params(project, TINY)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-qm", "tiny project"],
-    ):
-        subprocess.run(cmd, cwd=project, check=True)
+    project = copy_project(tmp_path_factory.mktemp("project"))
     first = _run(project, "dvc", "repro")
-    assert _stages_run(first) == {"scenes", "tiles", "patches", "train", "evaluate"}
+    assert stages_run(first) == {"scenes", "tiles", "patches", "train", "evaluate"}
     return project
 
 
@@ -151,7 +96,7 @@ def test_the_mlflow_run_holds_params_curves_metrics_and_model(project: Path) -> 
 
     run_id = json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"]
     assert json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"] == run_id
-    client = _client(project)
+    client = mlflow_client(project)
     run = client.get_run(run_id)
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.encoder"] == "resnet18"
     assert run.data.params["patches.overlap"] == "0.5"
@@ -186,7 +131,7 @@ def test_dvc_and_mlflow_link_both_ways(project: Path) -> None:
     # DVC -> MLflow: the metrics file and the train output name the run.
     run_id = json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"]
     assert json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"] == run_id
-    client = _client(project)
+    client = mlflow_client(project)
     run = client.get_run(run_id)
     tags = run.data.tags
     # MLflow -> DVC: code, hardware, training time and the dvc.lock entries it came from.
@@ -205,23 +150,23 @@ def test_dvc_and_mlflow_link_both_ways(project: Path) -> None:
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
-    assert _stages_run(_run(project, "dvc", "repro")) == set()
+    assert stages_run(_run(project, "dvc", "repro")) == set()
 
 
 def test_overlap_change_reruns_patches_train_evaluate_only(project: Path) -> None:
-    runs_before = len(_client(project).search_runs([_experiment_id(project)]))
-    _set_params(project, {"patches": {"overlap": 0.25}})
-    assert _stages_run(_run(project, "dvc", "repro")) == {"patches", "train", "evaluate"}
-    assert len(_client(project).search_runs([_experiment_id(project)])) == runs_before + 1
+    runs_before = len(mlflow_client(project).search_runs([_experiment_id(project)]))
+    set_params(project, {"patches": {"overlap": 0.25}})
+    assert stages_run(_run(project, "dvc", "repro")) == {"patches", "train", "evaluate"}
+    assert len(mlflow_client(project).search_runs([_experiment_id(project)])) == runs_before + 1
 
-    _set_params(project, {"evaluate": {"overlap": 0.25}})
-    assert _stages_run(_run(project, "dvc", "repro")) == {"evaluate"}
+    set_params(project, {"evaluate": {"overlap": 0.25}})
+    assert stages_run(_run(project, "dvc", "repro")) == {"evaluate"}
     run_id = json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"]
-    assert _client(project).get_run(run_id).data.tags["evaluate.overlap"] == "0.25"
+    assert mlflow_client(project).get_run(run_id).data.tags["evaluate.overlap"] == "0.25"
 
 
 def test_dvc_experiment_makes_a_new_run_and_shows_its_metrics(project: Path) -> None:
-    client = _client(project)
+    client = mlflow_client(project)
     runs_before = {r.info.run_id for r in client.search_runs([_experiment_id(project)])}
     _run(project, "dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
     runs = client.search_runs([_experiment_id(project)])
