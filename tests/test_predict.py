@@ -318,6 +318,34 @@ def test_predict_gives_the_classes_of_the_evaluate_stage(evaluated: dict[str, An
         assert np.array_equal(got.read(1), ref.read(1))
 
 
+def test_isprs_units_are_converted_like_the_tiles_stage(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    """The same tile in the products' own units: spectral 0-255, DSM in metres above sea level."""
+    image: Path = evaluated["image"]
+    with rasterio.open(image) as src:
+        tile, profile = src.read(), src.profile
+    raw = tile.copy()
+    raw[:3] *= 255.0  # ir, r, g
+    raw[3] += 263.5  # the tile's dsm is height above its 1st percentile: back to altitudes
+    raw_path = tmp_path / "raw" / "area_raw.tif"
+    raw_path.parent.mkdir()
+    with rasterio.open(raw_path, "w", **profile) as dst:
+        dst.write(raw)
+    out = tmp_path / "out"
+    result = _predict(str(raw_path), "-m", str(evaluated["checkpoint"]), "-o", str(out), "--units", "isprs")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(evaluated["evaluated"]) as ref, rasterio.open(out / "area_raw.tif") as got:
+        same = np.mean(got.read(1) == ref.read(1))
+    # Equal up to float rounding of x * 255 / 255 and of the percentile (a tie may flip).
+    assert same > 0.999, same
+    # Read as tiles-stage units instead, the same file gives another map.
+    result = _predict(str(raw_path), "-m", str(evaluated["checkpoint"]), "-o", str(tmp_path / "as-tiles"))
+    with (
+        rasterio.open(evaluated["evaluated"]) as ref,
+        rasterio.open(tmp_path / "as-tiles" / "area_raw.tif") as got,
+    ):
+        assert np.mean(got.read(1) == ref.read(1)) < 0.9
+
+
 @pytest.mark.parametrize("uri", ["runs:/{run_id}/model", "models:/aerialseg-test@candidate"])
 def test_an_mlflow_model_uri_predicts_like_the_checkpoint(
     evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str

@@ -82,6 +82,14 @@ def predict(
     preview: Annotated[bool, typer.Option(help="also write <stem>.png in ISPRS colours")] = True,
     preview_size: Annotated[int, typer.Option(min=16, help="longest side of the PNG preview in px")] = 2048,
     progress: Annotated[bool, typer.Option(help="progress bar (lines when not a terminal)")] = True,
+    units: Annotated[
+        Literal["tiles", "isprs"],
+        typer.Option(
+            help="tiles: bands as the tiles stage writes them (data/tiles/*_image.tif); isprs: the "
+            "ISPRS products' units, stacked in the model's band order (spectral 0-255, dsm in metres "
+            "above sea level, ndsm in metres above ground)"
+        ),
+    ] = "tiles",
 ) -> None:
     """Class maps of GeoTIFFs of any size: sliding window with blending, read and written in blocks.
 
@@ -102,6 +110,7 @@ def predict(
         preview=preview,
         preview_size=preview_size,
         progress=progress,
+        units=units,
     )
 
     def report(result: PredictResult) -> None:

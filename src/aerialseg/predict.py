@@ -39,13 +39,15 @@ import numpy as np
 import rasterio
 import torch
 from PIL import Image
-from rasterio.enums import MaskFlags
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.windows import Window as RasterWindow
 from torch import nn
 
 from aerialseg.classes import CLASSES, IGNORE_INDEX, index_to_colours
+from aerialseg.config import SPECTRAL_BANDS
+from aerialseg.datasets.heights import DSM_GROUND_PERCENTILE, PERCENTILE_MAX_SAMPLES
 from aerialseg.files import atomic_path
 from aerialseg.inference import _forward as _forward_flips
 from aerialseg.model import check_input_size
@@ -53,6 +55,7 @@ from aerialseg.progress import progress_bar
 from aerialseg.windows import window_grid
 
 Tta = Literal["none", "flip", "d4"]
+Units = Literal["tiles", "isprs"]
 TTA_CHOICES: tuple[str, ...] = ("none", "flip", "d4")
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISION_CHOICES: tuple[str, ...] = ("32", "bf16")
@@ -380,11 +383,13 @@ class RasterRows:
     nodata values do not leak into the neighbouring pixels' predictions.
     """
 
-    def __init__(self, src: DatasetReader, meta: dict[str, Any]) -> None:
+    def __init__(self, src: DatasetReader, meta: dict[str, Any], units: Units = "tiles") -> None:
         self.src = src
         self.expected = expected_input(meta)
         self.mean = np.asarray(meta["band_mean"], dtype=np.float32)[:, None, None]
         self.std = np.asarray(meta["band_std"], dtype=np.float32)[:, None, None]
+        # tiles units = scale * input + offset, per band (identity for tiles-stage inputs).
+        self.scale, self.offset = _to_tile_units(src, list(meta["bands"]), units)
         self.masked = any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
         self.floating = any(np.issubdtype(np.dtype(d), np.floating) for d in src.dtypes)
 
@@ -410,10 +415,40 @@ class RasterRows:
             finite = np.isfinite(data).all(axis=0)
             if not finite.all():
                 valid = finite if valid is None else valid & finite
-        data = (data - self.mean) / self.std
+        data = (data * self.scale + self.offset - self.mean) / self.std
         if valid is not None:
             data[:, ~valid] = 0.0
         return data, valid
+
+
+def _to_tile_units(src: DatasetReader, bands: list[str], units: Units) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band scale and offset that bring `units` to those of the `tiles` stage's images.
+
+    `isprs`: the products as distributed, stacked in the model's band order: spectral bands in
+    0-255 (divided by 255), `dsm` in metres above sea level (made height above the raster's
+    DSM_GROUND_PERCENTILE, from a decimated read as the tiles stage does for large tiles), `ndsm`
+    already in metres above ground.
+    """
+    scale = np.ones((len(bands), 1, 1), dtype=np.float32)
+    offset = np.zeros((len(bands), 1, 1), dtype=np.float32)
+    if units == "tiles":
+        return scale, offset
+    for i, band in enumerate(bands):
+        if band in SPECTRAL_BANDS:
+            scale[i] = 1.0 / 255.0
+        elif band == "dsm":
+            offset[i] = -_band_percentile(src, i + 1, DSM_GROUND_PERCENTILE)
+    return scale, offset
+
+
+def _band_percentile(src: DatasetReader, band: int, percentile: float) -> float:
+    step = max(1, math.ceil(math.sqrt(src.height * src.width / PERCENTILE_MAX_SAMPLES)))
+    shape = (max(1, src.height // step), max(1, src.width // step))
+    sample = src.read(band, out_shape=shape, resampling=Resampling.nearest, masked=True).compressed()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        raise PredictError(f"{src.name}: band {band} (dsm) has no valid height; expected heights in metres")
+    return float(np.percentile(sample, percentile))
 
 
 def _first_line(err: BaseException) -> str:
@@ -506,6 +541,8 @@ class PredictOptions:
     preview_size: int = 2048
     """Longest side of the PNG preview in px; larger class maps are decimated (nearest)."""
     progress: bool = True
+    units: Units = "tiles"
+    """tiles: bands as the `tiles` stage writes them; isprs: the ISPRS products' own units."""
 
 
 @dataclass(frozen=True)
@@ -620,8 +657,9 @@ def predict_file(
     counts = np.zeros(256, dtype=np.int64)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), contextlib.ExitStack() as stack:
         src = stack.enter_context(open_input(path, meta))
-        _warn_if_unscaled(src, meta)
-        reader = RasterRows(src, meta)
+        if options.units == "tiles":
+            _warn_if_unscaled(src, meta)
+        reader = RasterRows(src, meta, options.units)
         height, width = reader.height, reader.width
         n_windows = len(window_grid(max(height, window), max(width, window), window, options.overlap))
         # Temporary names first: on any error they are removed, and nothing appears under the final names.
@@ -702,6 +740,6 @@ def _warn_if_unscaled(src: DatasetReader, meta: dict[str, Any]) -> None:
         warnings.warn(
             f"{src.name}: integer pixel values, but the model was trained on the tiles stage's bands "
             f"(spectral bands scaled to [0, 1], heights in metres; band means {meta['band_mean']}): "
-            "convert the image the way the `tiles` stage does",
+            "pass --units isprs for the ISPRS products' own units (0-255, DSM in metres above sea level)",
             stacklevel=2,
         )
