@@ -39,7 +39,7 @@ import numpy as np
 import rasterio
 import torch
 from PIL import Image
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.windows import Window as RasterWindow
@@ -47,7 +47,7 @@ from torch import nn
 
 from aerialseg.classes import CLASSES, IGNORE_INDEX, index_to_colours
 from aerialseg.config import SPECTRAL_BANDS
-from aerialseg.datasets.heights import DSM_GROUND_PERCENTILE, PERCENTILE_MAX_SAMPLES
+from aerialseg.datasets.heights import ground_level
 from aerialseg.files import atomic_path
 from aerialseg.inference import _forward as _forward_flips
 from aerialseg.model import check_input_size
@@ -437,18 +437,11 @@ def _to_tile_units(src: DatasetReader, bands: list[str], units: Units) -> tuple[
         if band in SPECTRAL_BANDS:
             scale[i] = 1.0 / 255.0
         elif band == "dsm":
-            offset[i] = -_band_percentile(src, i + 1, DSM_GROUND_PERCENTILE)
+            try:
+                offset[i] = -ground_level(src, band=i + 1)
+            except ValueError as err:
+                raise PredictError(f"{err}; expected heights in metres") from err
     return scale, offset
-
-
-def _band_percentile(src: DatasetReader, band: int, percentile: float) -> float:
-    step = max(1, math.ceil(math.sqrt(src.height * src.width / PERCENTILE_MAX_SAMPLES)))
-    shape = (max(1, src.height // step), max(1, src.width // step))
-    sample = src.read(band, out_shape=shape, resampling=Resampling.nearest, masked=True).compressed()
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        raise PredictError(f"{src.name}: band {band} (dsm) has no valid height; expected heights in metres")
-    return float(np.percentile(sample, percentile))
 
 
 def _first_line(err: BaseException) -> str:

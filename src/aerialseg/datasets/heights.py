@@ -53,15 +53,16 @@ def read_heights(dsm: DatasetReader, window: Window | None, fill: float) -> np.n
     return filled
 
 
-def ground_level(dsm: DatasetReader) -> float:
-    """The tile's DSM_GROUND_PERCENTILE, over its valid pixels (on a decimated read for large tiles)."""
+def ground_level(dsm: DatasetReader, band: int = 1) -> float:
+    """The DSM_GROUND_PERCENTILE of `band` (the heights) over its valid pixels, on a decimated read
+    for large rasters: the tiles stage's ground level, and `aerialseg predict --units isprs`'s."""
     step = max(1, math.ceil(math.sqrt(dsm.height * dsm.width / PERCENTILE_MAX_SAMPLES)))
     shape = (max(1, dsm.height // step), max(1, dsm.width // step))
-    sample = dsm.read(1, out_shape=shape, resampling=Resampling.nearest, masked=True)
+    sample = dsm.read(band, out_shape=shape, resampling=Resampling.nearest, masked=True)
     valid = sample.compressed()
     valid = valid[np.isfinite(valid)]
     if valid.size == 0:
-        raise ValueError(f"{dsm.name}: the DSM has no valid height (every pixel is nodata)")
+        raise ValueError(f"{dsm.name}: the DSM (band {band}) has no valid height (every pixel is nodata)")
     return float(np.percentile(valid, DSM_GROUND_PERCENTILE))
 
 
