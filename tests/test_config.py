@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, get_args
 
@@ -10,7 +12,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from aerialseg.config import ConfigError, Optimizer, Params, load_params
+from aerialseg.config import ConfigError, DataConfig, Optimizer, Params, load_params
+from aerialseg.datasets.errors import DatasetLayoutError
+from aerialseg.datasets.isprs import assign_splits
+from aerialseg.datasets.isprs_layout import POTSDAM
+from aerialseg.datasets.tiles_table import read_tiles_table
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -241,3 +247,144 @@ def test_params_are_frozen() -> None:
     with pytest.raises(ValidationError):
         params.data.bands = ("ir",)  # type: ignore[misc]
     assert params.train == load_params(PROJECT_PARAMS).train
+
+
+# --------------------------------------------------------------------------------------
+# Tile ids as written: YAML 1.1 reads an unquoted 2_10 as 210 and 02_13 as 139 (octal)
+
+ROOT = PROJECT_PARAMS.parent
+
+
+def params_with_line(tmp_path: Path, old: str, new: str) -> Path:
+    """The project's params.yaml, as text, with one line changed: what a user types by hand."""
+    text = PROJECT_PARAMS.read_text()
+    lines = [line for line in text.splitlines() if line.lstrip().startswith(old)]
+    assert len(lines) == 1, old
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(lines[0], new))
+    return path
+
+
+def line_of(path: Path, start: str) -> int:
+    return next(
+        n for n, line in enumerate(path.read_text().splitlines(), 1) if line.lstrip().startswith(start)
+    )
+
+
+@pytest.mark.parametrize(
+    ("written", "made", "as_written", "quoted"),
+    [
+        ("[2_10]", "210", "2_10", "['2_10']"),
+        ("[02_13]", "139 (213 in DVC's reader)", "02_13", "['02_13']"),
+        ("[6, 2_10]", "210", "2_10", "[6, '2_10']"),
+    ],
+)
+def test_unquoted_tile_id_stops_with_one_clear_error(
+    tmp_path: Path, written: str, made: str, as_written: str, quoted: str
+) -> None:
+    path = params_with_line(tmp_path, "val_tiles:", f"  val_tiles: {written}")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert message == (
+        f"{path}:{line_of(path, 'val_tiles:')}: data.val_tiles: YAML reads the unquoted tile id "
+        f"{as_written} as {made}; quote tile ids that are not plain numbers: val_tiles: {quoted}"
+    )
+
+
+@pytest.mark.parametrize("key", ["train_tiles", "test_tiles", "exclude_tiles"])
+def test_every_tile_id_key_is_checked(tmp_path: Path, key: str) -> None:
+    # 1e3 is text to PyYAML but 1000.0 to DVC's YAML 1.2 reader; yes is True to PyYAML only.
+    value, made = {
+        "train_tiles": ("[1_0]", "1_0 as 10"),
+        "test_tiles": ("[7, 8, 1e3]", "1e3 as 1000.0 in DVC's reader"),
+        "exclude_tiles": ("[yes]", "yes as True"),
+    }[key]
+    path = params_with_line(tmp_path, f"{key}:", f"  {key}: {value}")
+    with pytest.raises(ConfigError, match=rf"data\.{key}: YAML reads the unquoted tile id {made};"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [("[6]", ("6",)), ("['2_10']", ("2_10",)), ('["02_13", 6]', ("02_13", "6")), ("[area6]", ("area6",))],
+)
+def test_quoted_ids_and_plain_numbers_load_as_written(
+    tmp_path: Path, written: str, meant: tuple[str, ...]
+) -> None:
+    path = params_with_line(tmp_path, "val_tiles:", f"  val_tiles: {written}")
+    assert load_params(path).data.val_tiles == meant
+
+
+def test_unquoted_tile_id_stops_the_tiles_stage_with_one_line(tmp_path: Path) -> None:
+    # The real stage script in a working directory whose params.yaml was edited by hand.
+    path = params_with_line(tmp_path, "val_tiles:", "  val_tiles: [2_10]")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "tiles.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    expected = (
+        f"params.yaml:{line_of(path, 'val_tiles:')}: data.val_tiles: YAML reads the unquoted tile id 2_10 "
+        "as 210; quote tile ids that are not plain numbers: val_tiles: ['2_10']"
+    )
+    assert result.stderr.rstrip().splitlines()[-1] == f"aerialseg.config.ConfigError: {expected}"
+    assert result.stderr.count("YAML reads") == 1
+    assert not (tmp_path / "data").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Excluded tiles: left out of training and validation, never a test tile
+
+
+def test_exclude_tiles_defaults_to_none(project_raw: dict[str, Any]) -> None:
+    assert project_raw["data"]["exclude_tiles"] == []
+    assert load_params(PROJECT_PARAMS).data.exclude_tiles == ()
+
+
+@pytest.mark.parametrize("key", ["data.val_tiles", "data.test_tiles"])
+def test_excluding_a_val_or_test_tile_is_an_error(
+    tmp_path: Path, project_raw: dict[str, Any], key: str
+) -> None:
+    raw = copy.deepcopy(project_raw)
+    raw["data"]["exclude_tiles"] = [1, 7 if key == "data.test_tiles" else 6]
+    message = config_error(tmp_path, raw, "data.split", "custom")
+    assert "data.exclude_tiles" in message and key in message
+    assert "test tiles cannot be excluded" in message
+
+
+def test_tiles_stage_leaves_excluded_tiles_out(
+    tmp_path: Path, project_raw: dict[str, Any], synthetic_raw: Path
+) -> None:
+    # The real stage script, with a params.yaml in its working directory.
+    raw = copy.deepcopy(project_raw)
+    raw["paths"]["tiles"] = "tiles"
+    raw["data"].update(raw_dir=str(synthetic_raw), val_tiles=[3], test_tiles=[4], exclude_tiles=[2])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "tiles.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    table = read_tiles_table(tmp_path / "tiles")
+    assert dict(zip(table["tile_id"], table["split"], strict=True)) == {"1": "train", "3": "val", "4": "test"}
+    assert not list((tmp_path / "tiles").glob("area2_*"))
+
+
+def test_excluded_tile_must_exist(data_config: DataConfig) -> None:
+    data = data_config.model_copy(update={"exclude_tiles": ("9",)})
+    with pytest.raises(DatasetLayoutError, match=r"data\.exclude_tiles \[9\]: no such Vaihingen tiles"):
+        assign_splits(["1", "2", "3", "4"], data)
+
+
+def test_excluding_an_official_test_tile_is_an_error() -> None:
+    data = DataConfig(
+        source="potsdam",
+        raw_dir=Path("x"),
+        bands=("r",),
+        split="official",
+        val_tiles=("2_10",),
+        exclude_tiles=("02_13",),
+    )
+    with pytest.raises(
+        DatasetLayoutError, match=r"data\.exclude_tiles: 2_13 is an official Potsdam test tile"
+    ):
+        assign_splits([*POTSDAM.official_train, *POTSDAM.official_test], data)

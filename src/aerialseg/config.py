@@ -6,6 +6,7 @@ instead of being silently ignored.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -48,6 +49,10 @@ class SyntheticConfig(_Section):
     seed: Annotated[int, Field(ge=0)] = 0
 
 
+TILE_ID_KEYS = ("train_tiles", "val_tiles", "test_tiles", "exclude_tiles")
+"""The keys of `data` that list tile ids (Vaihingen areas such as 15, Potsdam tiles such as '2_10')."""
+
+
 class DataConfig(_Section):
     source: Source = "synthetic"
     raw_dir: Path = Path("data/raw/synthetic")
@@ -59,10 +64,12 @@ class DataConfig(_Section):
     """custom split only; null = every tile not in val_tiles or test_tiles."""
     val_tiles: tuple[str, ...] = ()
     test_tiles: tuple[str, ...] = ()
+    exclude_tiles: tuple[str, ...] = ()
+    """Tiles left out of training and validation (e.g. Potsdam 7_10, known label errors); never test tiles."""
     colour_tolerance: Annotated[int, Field(ge=0, le=64)] = 0
     """Label colours within this distance (max over R, G, B) of a legend colour are snapped to it."""
 
-    @field_validator("train_tiles", "val_tiles", "test_tiles", mode="before")
+    @field_validator(*TILE_ID_KEYS, mode="before")
     @classmethod
     def _tile_ids_as_text(cls, value: object) -> object:
         # Vaihingen areas are numbers (15), Potsdam tiles are "2_10": one type for both.
@@ -98,6 +105,15 @@ class DataConfig(_Section):
             clash = set(self.train_tiles) & (set(self.val_tiles) | set(self.test_tiles))
             if clash:
                 raise ValueError(f"data.train_tiles: {sorted(clash)} also in val_tiles or test_tiles")
+        for key in ("train_tiles", "val_tiles", "test_tiles"):
+            clash = set(self.exclude_tiles) & set(getattr(self, key) or ())
+            if clash:
+                # Excluding a test tile would change what the reported figure means; a val or
+                # train tile both used and excluded is a contradiction. Either way: say so.
+                raise ValueError(
+                    f"data.exclude_tiles: {sorted(clash)} also in data.{key}; excluded tiles are left "
+                    "out of training and validation, and test tiles cannot be excluded"
+                )
         return self
 
 
@@ -210,7 +226,8 @@ class ConfigError(ValueError):
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: file does not exist") from err
     except (OSError, UnicodeDecodeError) as err:
@@ -219,10 +236,91 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    _check_tile_ids_as_written(path, yaml.compose(text, Loader=yaml.SafeLoader))
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{path}: invalid parameters\n{_describe(err)}") from None
+
+
+PLAIN_TILE_NUMBER = re.compile(r"(0|[1-9][0-9]*)\Z")
+"""A tile id that every YAML reader (PyYAML's 1.1, ruamel's and DVC's 1.2) reads as itself: 15."""
+
+
+def _check_tile_ids_as_written(path: Path, root: yaml.Node | None) -> None:
+    """Stop when YAML made a tile id into something other than what was written.
+
+    YAML 1.1 reads an unquoted `2_10` as the integer 210 and `02_13` as 139 (octal); DVC's
+    YAML 1.2 reader makes 213 of the latter. Only plain decimal numbers (Vaihingen's 15) read
+    the same everywhere; an unquoted id that either reader makes into something else (a number,
+    True, None) stops the load, or the split and `dvc params diff` would each see a different
+    tile from the one meant.
+    """
+    data = _mapping_item(root, "data")
+    if not isinstance(data, yaml.MappingNode):
+        return
+    problems = []
+    for key_node, value_node in data.value:
+        if key_node.value not in TILE_ID_KEYS:
+            continue
+        if isinstance(value_node, yaml.SequenceNode):
+            items = value_node.value
+        elif isinstance(value_node, yaml.ScalarNode) and value_node.tag != "tag:yaml.org,2002:null":
+            items = [value_node]
+        else:
+            continue
+        bad = {node: readings for node in items if (readings := _misread(node))}
+        if not bad:
+            continue
+        made = ", ".join(_made_of(node.value, *readings) for node, readings in bad.items())
+        ids = "ids" if len(bad) > 1 else "id"
+        fix = "[" + ", ".join(_as_written(node, quote=node in bad) for node in items) + "]"
+        line = next(iter(bad)).start_mark.line + 1
+        problems.append(
+            f"{path}:{line}: data.{key_node.value}: YAML reads the unquoted tile {ids} {made}; "
+            f"quote tile ids that are not plain numbers: {key_node.value}: {fix}"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _mapping_item(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                return value_node
+    return None
+
+
+def _misread(node: yaml.Node) -> tuple[object, object] | None:
+    """For an unquoted id that PyYAML (the stages) or DVC's reader does not read as written: both readings."""
+    if not isinstance(node, yaml.ScalarNode) or node.style is not None or PLAIN_TILE_NUMBER.match(node.value):
+        return None
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    flow = f"[{node.value}]"  # read in the flow context it came from, not as a document
+    try:
+        readings = (yaml.safe_load(flow)[0], YAML(typ="safe").load(flow)[0])  # DVC's reader: YAML(typ="safe")
+    except (yaml.YAMLError, YAMLError, IndexError, KeyError, TypeError):
+        return None
+    return None if all(isinstance(r, str) for r in readings) else readings
+
+
+def _made_of(text: str, pyyaml: object, dvc: object) -> str:
+    if isinstance(pyyaml, str):
+        return f"{text} as {dvc!r} in DVC's reader"
+    if isinstance(dvc, str) or (type(dvc), dvc) == (type(pyyaml), pyyaml):
+        return f"{text} as {pyyaml!r}"
+    return f"{text} as {pyyaml!r} ({dvc!r} in DVC's reader)"
+
+
+def _as_written(node: yaml.Node, quote: bool) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        return "..."
+    if quote:
+        return "'" + node.value.replace("'", "''") + "'"
+    return f"{node.style}{node.value}{node.style}" if node.style in ("'", '"') else str(node.value)
 
 
 def _describe(err: ValidationError) -> str:

@@ -80,8 +80,16 @@ def assign_splits(available: list[str], data: DataConfig) -> dict[str, str]:
     val = _normalised(data.val_tiles)
     test = _normalised(data.test_tiles)
     train = None if data.train_tiles is None else _normalised(data.train_tiles)
+    excluded = _normalised(data.exclude_tiles)
     _require_available(
-        {"data.val_tiles": val, "data.test_tiles": test, "data.train_tiles": train or []}, available, layout
+        {
+            "data.val_tiles": val,
+            "data.test_tiles": test,
+            "data.train_tiles": train or [],
+            "data.exclude_tiles": excluded,
+        },
+        available,
+        layout,
     )
     if data.split == "official":
         splits = _official_splits(available, val, layout)
@@ -91,6 +99,7 @@ def assign_splits(available: list[str], data: DataConfig) -> dict[str, str]:
             for tile in available
             if tile in val or tile in test or train is None or tile in train
         }
+    splits = _without_excluded(splits, excluded, data, layout)
     for split in SPLITS:
         if split not in splits.values():
             raise DatasetLayoutError(_empty_split_message(split, data, available, layout))
@@ -113,6 +122,32 @@ def _official_splits(available: list[str], val: list[str], layout: DatasetLayout
         elif tile in layout.official_train:
             splits[tile] = "train"
     return splits
+
+
+def _without_excluded(
+    splits: dict[str, str], excluded: list[str], data: DataConfig, layout: DatasetLayout
+) -> dict[str, str]:
+    """Drop data.exclude_tiles from training; an excluded val or test tile is an error.
+
+    Excluded tiles are left out of tiles.csv altogether (not converted), so `patches` and
+    `evaluate`, which read the table by split, never see them.
+    """
+    held_out = {tile: split for tile, split in splits.items() if tile in excluded and split != "train"}
+    if held_out:
+        official = data.split == "official"
+        where = [
+            f"{tile} is an official {layout.name} test tile"
+            if official and split == "test"
+            else f"{tile} is in data.{split}_tiles"
+            for tile, split in held_out.items()
+        ]
+        raise DatasetLayoutError(
+            "data.exclude_tiles: "
+            + ", ".join(where)
+            + "; only training tiles can be excluded (the test set is the benchmark's, and validation "
+            "tiles are chosen in data.val_tiles)"
+        )
+    return {tile: split for tile, split in splits.items() if tile not in excluded}
 
 
 def _normalised(tile_ids: tuple[str, ...]) -> list[str]:
@@ -138,7 +173,8 @@ def _require_available(named: dict[str, list[str]], available: list[str], layout
 def _empty_split_message(split: str, data: DataConfig, available: list[str], layout: DatasetLayout) -> str:
     if split == "train":
         return (
-            f"the train split is empty: every available tile is in val_tiles or test_tiles, or none is "
+            f"the train split is empty: every available tile is in val_tiles, test_tiles or "
+            f"exclude_tiles, or none is "
             f"a training tile (available: {_ids(available)})"
         )
     if data.split == "official":
