@@ -13,7 +13,7 @@ import os
 import shutil
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,10 +174,20 @@ def ndsm_jpeg_values(t: SourceTile) -> np.ndarray:
 
 
 def potsdam_downloads(
-    tiles: list[SourceTile], *, rgbir: bool = True, rgb_irrg: bool = True, ndsm: bool = True
+    tiles: list[SourceTile],
+    *,
+    rgbir: bool = True,
+    rgb_irrg: bool = True,
+    ndsm: bool = True,
+    heights_short: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[Download]:
-    """The official Potsdam archives. Labels and nDSM JPEGs carry no georeferencing, as may real ones."""
+    """The official Potsdam archives. Labels and nDSM JPEGs carry no georeferencing, as may real ones.
+
+    heights_short: tile id -> (columns, rows) that its DSM and nDSM lack on the right and bottom
+    edges, as the official tile 3_13's (5999 x 6000 px for a 6000 x 6000 orthophoto: (1, 0)).
+    """
     files: dict[str, dict[str, bytes]] = {}
+    short = heights_short or {}
 
     def add(archive: str, member: str, content: bytes) -> None:
         files.setdefault(archive, {})[member] = content
@@ -199,9 +209,11 @@ def potsdam_downloads(
                 f"3_Ortho_IRRG/{name}_IRRG.tif",
                 raster_bytes(np.stack([ir, r, g]), t.georef),
             )
-        add("1_DSM.zip", f"1_DSM/dsm_potsdam_{padded}.tif", raster_bytes(t.dsm, t.georef))
+        cols, rows = short.get(t.tile_id, (0, 0))
+        height, width = t.dsm.shape[0] - rows, t.dsm.shape[1] - cols
+        add("1_DSM.zip", f"1_DSM/dsm_potsdam_{padded}.tif", raster_bytes(t.dsm[:height, :width], t.georef))
         if ndsm:
-            jpeg = raster_bytes(ndsm_jpeg_values(t), None, driver="JPEG")
+            jpeg = raster_bytes(ndsm_jpeg_values(t)[:height, :width], None, driver="JPEG")
             add(
                 "1_DSM_normalisation.zip",
                 f"1_DSM_normalisation/dsm_potsdam_{padded}_normalized_lastools.jpg",

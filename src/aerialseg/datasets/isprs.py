@@ -11,6 +11,10 @@ Vaihingen participant layout and take the same path - and writes to out_dir, per
     <tile>_label_eroded.tif  uint8 class index 0..5, 255 on the boundary band (the ISPRS protocol)
     tiles.csv                one row per tile (tiles_table.TABLE_COLUMNS)
 
+A DSM or nDSM a few pixels short of its orthophoto on the right or bottom edge (the official
+Potsdam tile 3_13) is padded by repeating its last column or row, logged with a warning and
+counted in tiles.csv; see isprs_convert.MAX_HEIGHT_PADDING_PX.
+
 Only tiles in the train, val or test split are converted. out_dir is built under a temporary
 name and renamed at the end, so an error leaves no half-written output (and an earlier output
 in place).
@@ -27,7 +31,7 @@ from aerialseg.config import DataConfig
 from aerialseg.datasets.errors import DatasetLayoutError
 from aerialseg.datasets.isprs_convert import TilePlan, convert_tile, plan_tile
 from aerialseg.datasets.isprs_files import TileFiles, find_tiles
-from aerialseg.datasets.isprs_layout import LAYOUTS, DatasetLayout
+from aerialseg.datasets.isprs_layout import DSM, LAYOUTS, NDSM, DatasetLayout
 from aerialseg.datasets.tiles_table import SPLITS, TABLE_COLUMNS, TILES_CSV, read_tiles_table
 from aerialseg.files import atomic_path
 from aerialseg.progress import track
@@ -245,6 +249,14 @@ def _convert(
         converted.snapped_pixels,
         converted.snapped_pixels_eroded,
     )
+    if converted.height_padding:
+        log.warning(
+            "%s: %s",
+            name,
+            "; ".join(p.describe(converted.width, converted.height) for p in converted.height_padding),
+        )
+    dsm_cols, dsm_rows = converted.padding(DSM)
+    ndsm_cols, ndsm_rows = converted.padding(NDSM)
     return {
         "tile": name,
         "tile_id": tile.tile_id,
@@ -255,4 +267,8 @@ def _convert(
         "ndsm_source": converted.ndsm_source,
         "snapped_pixels": converted.snapped_pixels,
         "snapped_pixels_eroded": converted.snapped_pixels_eroded,
+        "dsm_padded_cols": dsm_cols,
+        "dsm_padded_rows": dsm_rows,
+        "ndsm_padded_cols": ndsm_cols,
+        "ndsm_padded_rows": ndsm_rows,
     }

@@ -47,6 +47,17 @@ GDAL_CACHE_MB = 256
 """GDAL's block cache while converting; its default (5 % of RAM) would hold gigabytes of blocks on
 a large machine. Blocks are written once, in order, so a cache of a few rows of tiles suffices."""
 
+MAX_HEIGHT_PADDING_PX = 4
+"""How many pixels a height raster (DSM or nDSM) may lack on its orthophoto's right or bottom edge.
+
+The missing columns or rows are filled by repeating the raster's last column or row. The official
+Potsdam tile 3_13 needs this: its DSM and its nDSM JPEG are 5999 x 6000 px, its orthophoto and
+labels 6000 x 6000. 4 px is 20 cm at Potsdam's 5 cm (36 cm at Vaihingen's 9 cm), less than a car is
+wide, along one border of the tile: edge replication is a fair guess of heights there. A raster
+shorter than that, larger than the orthophoto, or short on the top or left edge (a shifted grid:
+every pixel would be off) is more likely another crop or the wrong file and stays an error.
+"""
+
 NDSM_FROM_ARCHIVE = "archive"
 NDSM_DERIVED = "derived"
 NO_NDSM = "none"
@@ -106,6 +117,33 @@ def _spectral_source(tile: TileFiles, layout: DatasetLayout, band: str) -> tuple
 
 
 @dataclass(frozen=True)
+class HeightPadding:
+    """A height raster (DSM or nDSM) a few pixels short of its orthophoto, filled by edge replication."""
+
+    role: str
+    """DSM or NDSM (isprs_layout's roles)."""
+    source: RasterSource
+    width: int
+    height: int
+    """The file's own size."""
+    cols: int
+    rows: int
+    """Columns repeated on the right and rows repeated at the bottom to reach the orthophoto's size."""
+
+    def describe(self, reference_width: int, reference_height: int) -> str:
+        """'dsm_potsdam_03_13.tif is 5999 x 6000 px, the orthophoto 6000 x 6000: last 1 column repeated'."""
+        repeated = [
+            f"last {count} {unit}{'s' if count > 1 else ''}"
+            for count, unit in ((self.cols, "column"), (self.rows, "row"))
+            if count
+        ]
+        return (
+            f"{self.source.name} is {self.width} x {self.height} px, the orthophoto "
+            f"{reference_width} x {reference_height}: {' and '.join(repeated)} repeated"
+        )
+
+
+@dataclass(frozen=True)
 class ConvertedTile:
     height: int
     width: int
@@ -113,6 +151,12 @@ class ConvertedTile:
     snapped_pixels: int
     """Label pixels whose colour was within data.colour_tolerance of a legend colour, not on it."""
     snapped_pixels_eroded: int
+    height_padding: tuple[HeightPadding, ...] = ()
+    """Height rasters padded to the orthophoto's size (at most MAX_HEIGHT_PADDING_PX per edge)."""
+
+    def padding(self, role: str) -> tuple[int, int]:
+        """(columns, rows) repeated to pad the `role` raster; (0, 0) when it was not padded or not read."""
+        return next(((p.cols, p.rows) for p in self.height_padding if p.role == role), (0, 0))
 
 
 def convert_tile(
@@ -128,7 +172,7 @@ def convert_tile(
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
         opened = {role: stack.enter_context(_open(tile.files[role])) for role in plan.roles}
         reference = opened[plan.reference_role]
-        _check_inputs(tile, plan, layout, opened)
+        padding = _check_inputs(tile, plan, layout, opened)
         image = _ImageBlocks(plan, layout, bands, opened)
         _write_blocks(outputs["image"], reference, bands, np.float32, image.read)
         snapped = _write_label(
@@ -148,6 +192,7 @@ def convert_tile(
             ndsm_source=image.ndsm_source,
             snapped_pixels=snapped,
             snapped_pixels_eroded=snapped_eroded,
+            height_padding=padding,
         )
 
 
@@ -167,7 +212,8 @@ def _open(source: RasterSource) -> DatasetReader:
 
 def _check_inputs(
     tile: TileFiles, plan: TilePlan, layout: DatasetLayout, opened: dict[str, DatasetReader]
-) -> None:
+) -> tuple[HeightPadding, ...]:
+    """Check every input against the orthophoto; returns the height rasters that will be padded."""
     reference_role = plan.reference_role
     reference = opened[reference_role]
     band_orders = dict(layout.spectral_sources)
@@ -179,10 +225,18 @@ def _check_inputs(
     checks += [(NDSM, "nDSM", False)] if plan.ndsm_from_archive else []
     checks += [(LABEL, "label", False), (LABEL_ERODED, "eroded label", False)]
     reference_source = tile.files[reference_role]
+    padding = []
     for role, what, strict in checks:
-        _check_grid(reference_source, reference, tile.files[role], opened[role], what, strict=strict)
+        src = opened[role]
+        heights = role in (DSM, NDSM)
+        cols, rows = _check_grid(
+            reference_source, reference, tile.files[role], src, what, strict=strict, may_pad=heights
+        )
+        if cols or rows:
+            padding.append(HeightPadding(role, tile.files[role], src.width, src.height, cols, rows))
     for role in (LABEL, LABEL_ERODED):
         _check_bands(opened[role], tile.files[role], np.uint8, 3, "an RGB colour label")
+    return tuple(padding)
 
 
 def _check_bands(src: DatasetReader, source: RasterSource, dtype: type, count: int, what: str) -> None:
@@ -201,29 +255,56 @@ def _check_grid(
     what: str,
     *,
     strict: bool,
-) -> None:
-    """`src` must cover the orthophoto pixel for pixel.
+    may_pad: bool = False,
+) -> tuple[int, int]:
+    """`src` must cover the orthophoto pixel for pixel; returns the (columns, rows) it lacks.
 
-    Sizes must always match. CRS and transform must match where both files are georeferenced;
-    label files and nDSM JPEGs (`strict=False`) may also carry no georeferencing at all, which
-    some official downloads do, and are then taken to lie on the orthophoto's grid.
+    Sizes must match, except that a height raster (`may_pad`) may lack up to MAX_HEIGHT_PADDING_PX
+    columns on the right and rows at the bottom, which are then filled by edge replication. CRS and
+    transform must match where both files are georeferenced, so a raster short on the top or left
+    edge (its origin moved) is an error; label files and nDSM JPEGs (`strict=False`) may also carry
+    no georeferencing at all, which some official downloads do, and are then taken to lie on the
+    orthophoto's grid from its top-left corner. Every error is one line naming both files and sizes.
     """
-    if (src.height, src.width) != (reference.height, reference.width):
+    cols, rows = reference.width - src.width, reference.height - src.height
+    paddable = may_pad and all(0 <= short <= MAX_HEIGHT_PADDING_PX for short in (cols, rows))
+    if (cols, rows) != (0, 0) and not paddable:
+        limit = (
+            f"; a DSM or nDSM may lack at most {MAX_HEIGHT_PADDING_PX} columns on the right and "
+            f"{MAX_HEIGHT_PADDING_PX} rows at the bottom (filled by repeating its last column and row), "
+            f"no more, and may not be larger"
+            if may_pad
+            else ""
+        )
         raise RasterError(
             f"{source}: the {what} is {src.width} x {src.height} px (width x height), but the "
             f"orthophoto {reference_source} is {reference.width} x {reference.height} px; "
-            f"the {what} must cover it pixel for pixel"
+            f"the {what} must cover it pixel for pixel{limit}"
         )
     georeferenced = src.crs is not None or not src.transform.is_identity
     if not georeferenced and not strict:
-        return
+        return cols, rows
     same_crs = src.crs == reference.crs or src.crs is None or reference.crs is None
     if not same_crs or not src.transform.almost_equals(reference.transform, precision=1e-6):
         raise RasterError(
-            f"{source}: the {what}'s grid (CRS {src.crs}, transform {tuple(src.transform)[:6]}) differs "
-            f"from the orthophoto {reference_source} (CRS {reference.crs}, "
-            f"transform {tuple(reference.transform)[:6]})"
+            f"{source}: the {what}'s grid ({src.width} x {src.height} px, CRS {src.crs}, "
+            f"transform {tuple(src.transform)[:6]}) differs from the orthophoto {reference_source} "
+            f"({reference.width} x {reference.height} px, CRS {reference.crs}, "
+            f"transform {tuple(reference.transform)[:6]}){_shift(src, reference) if same_crs else ''}"
         )
+    return cols, rows
+
+
+def _shift(src: DatasetReader, reference: DatasetReader) -> str:
+    """Where `src`'s top-left corner lies on the orthophoto's pixel grid, if both have one pixel size."""
+    a, e = src.transform.a, src.transform.e
+    if not (np.isclose(a, reference.transform.a) and np.isclose(e, reference.transform.e)):
+        return ""
+    col, row = ~reference.transform * (src.transform.c, src.transform.f)
+    return (
+        f": its top-left corner lies at column {col:g}, row {row:g} of the orthophoto "
+        f"(a shifted grid; only the right and bottom edges of a height raster are ever padded)"
+    )
 
 
 class _ImageBlocks:
@@ -249,7 +330,10 @@ class _ImageBlocks:
             pixels = self.opened[role].read([band for _, band in pairs], window=window)
             for (out_index, _), values in zip(pairs, pixels, strict=True):
                 block[out_index] = values.astype(np.float32) / 255.0
-        dsm = read_heights(self.dsm, window, self.ground_level) if self.dsm is not None else None
+        dsm = None
+        if self.dsm is not None:
+            dsm_src = self.dsm
+            dsm = _read_edge_padded(dsm_src, window, lambda w: read_heights(dsm_src, w, self.ground_level))
         for out_index, band in enumerate(self.bands):
             if band == "dsm" and dsm is not None:
                 block[out_index] = dsm - self.ground_level
@@ -259,9 +343,26 @@ class _ImageBlocks:
 
     def _ndsm(self, window: Window, dsm: np.ndarray | None) -> np.ndarray:
         if self.plan.ndsm_from_archive:
-            return self.opened[NDSM].read(1, window=window).astype(np.float32) * NDSM_JPEG_METRES_PER_VALUE
+            ndsm = self.opened[NDSM]
+            grey = _read_edge_padded(ndsm, window, lambda w: ndsm.read(1, window=w))
+            return grey.astype(np.float32) * NDSM_JPEG_METRES_PER_VALUE
         assert dsm is not None and self.ground is not None  # plan_tile asks for the DSM
         return normalised_heights(dsm, self.ground.block(window.row_off, window.height, window.width))
+
+
+def _read_edge_padded(src: DatasetReader, window: Window, read: Callable[[Window], np.ndarray]) -> np.ndarray:
+    """read(window) of `src`, where the window may reach past its right or bottom edge: the part
+    beyond repeats its last column or row (a height raster a few pixels short, _check_grid).
+
+    Only the block's own rows are read. The derived ground model (heights.GroundModel) already keeps
+    its edge values beyond the raster it was estimated from, so it needs no padding of its own.
+    """
+    if window.row_off + window.height <= src.height and window.col_off + window.width <= src.width:
+        return read(window)
+    rows = np.minimum(np.arange(window.row_off, window.row_off + window.height), src.height - 1)
+    cols = np.minimum(np.arange(window.col_off, window.col_off + window.width), src.width - 1)
+    inside = Window(int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+    return read(inside)[np.ix_(rows - rows[0], cols - cols[0])]
 
 
 def _pixel_size_m(reference: DatasetReader, layout: DatasetLayout) -> float:

@@ -26,6 +26,13 @@ TABLE_COLUMNS = (
     "ndsm_source",  # archive (Potsdam lastools JPEG), derived (from the DSM) or none (no ndsm band)
     "snapped_pixels",  # label pixels within data.colour_tolerance of a legend colour, not on it
     "snapped_pixels_eroded",  # the same in the eroded label
+    # Height rasters a few px short of the orthophoto on the right or bottom edge (Potsdam 3_13's DSM
+    # and nDSM lack a column), padded by repeating their last column / row
+    # (isprs_convert.MAX_HEIGHT_PADDING_PX); 0 where nothing was padded or the file was not read.
+    "dsm_padded_cols",  # columns repeated on the right of the DSM
+    "dsm_padded_rows",  # rows repeated at the bottom of the DSM
+    "ndsm_padded_cols",  # the same for the archive's nDSM (Potsdam's lastools JPEG)
+    "ndsm_padded_rows",
 )
 
 
