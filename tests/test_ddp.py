@@ -1,5 +1,5 @@
-"""Two-process CPU DDP training through `train()`: one MLflow run, one set of files, every val pixel
-counted once.
+"""Two-process CPU DDP training through `train()`: one MLflow run, one set of files, every pixel of
+the whole val tiles counted once.
 
 Lightning's `ddp` strategy starts the other ranks by re-running the command line of the main
 process (`sys.argv`). Under pytest that would re-run pytest, so the test runs a small script in a
@@ -38,19 +38,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _labelled_pixels(path: Path) -> tuple[int, int]:
-    """(patches, mask pixels that are not ignored) in an HDF5 patch file."""
+def _scored_pixels(path: Path) -> tuple[int, int]:
+    """(whole val tiles, eroded-reference pixels that are scored) in a val.h5."""
     with h5py.File(path, "r") as f:
-        masks = f["mask"][:]
-    return len(masks), int(np.count_nonzero(masks != IGNORE_INDEX))
+        references = [f[f"tiles/{tile}/reference"][:] for tile in f["tiles"]]
+    return len(references), sum(int(np.count_nonzero(r != IGNORE_INDEX)) for r in references)
 
 
 @pytest.mark.slow
 def test_two_process_cpu_ddp_training(patches_dir: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    n_val, expected_pixels = _labelled_pixels(patches_dir / "val.h5")
-    # An odd number of val patches: a padding sampler would count one of them twice.
+    n_val, expected_pixels = _scored_pixels(patches_dir / "val.h5")
+    # An odd number of val tiles on two ranks: one rank gets an empty step (a padding sampler
+    # repeating a tile would count it twice; a rank without a step would hang the other).
     assert n_val % 2 == 1
     params = {
         "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},

@@ -13,7 +13,14 @@ import pytest
 from aerialseg.classes import IGNORE_INDEX, legend
 from aerialseg.datasets.isprs import read_tiles_table
 from aerialseg.datasets.synthetic import area_georeference
-from aerialseg.patches import BandStats, band_statistics, read_patch_info, write_patches
+from aerialseg.patches import (
+    BandStats,
+    band_statistics,
+    read_patch_info,
+    read_tile_file_info,
+    write_patches,
+    write_validation_tiles,
+)
 from aerialseg.raster import read_raster, write_raster
 from aerialseg.windows import stride_for, window_grid
 
@@ -146,22 +153,39 @@ def test_attributes_round_trip(synthetic_tiles: Path, train_stats: BandStats, tm
         assert int(h5.attrs["ignore_index"]) == IGNORE_INDEX
 
 
-def test_validation_patches_keep_the_training_statistics(
+def test_validation_tiles_are_whole_with_the_eroded_reference_and_training_statistics(
     synthetic_tiles: Path, train_stats: BandStats, tmp_path: Path
 ) -> None:
     out = tmp_path / "val.h5"
+    val = read_tiles_table(synthetic_tiles, "val")
+    scored = write_validation_tiles(val, synthetic_tiles, out, stats=train_stats, bands=BANDS)
+    info = read_tile_file_info(out)
+    assert info.tiles == ["area3"]
+    assert info.stats == train_stats
+    assert info.bands == BANDS
+    image, _ = read_raster(synthetic_tiles / val["image"].iloc[0])
+    eroded, _ = read_raster(synthetic_tiles / val["label_eroded"].iloc[0])
+    with h5py.File(out, "r") as h5:
+        np.testing.assert_array_equal(h5["tiles/area3/image"][:], image)
+        np.testing.assert_array_equal(h5["tiles/area3/reference"][:], eroded[0])
+    # Each pixel of the eroded reference once; its boundary pixels are not scored.
+    assert 0 < scored == np.count_nonzero(eroded[0] != IGNORE_INDEX) < eroded[0].size
+
+
+def test_a_patch_file_is_not_a_validation_tile_file(
+    synthetic_tiles: Path, train_stats: BandStats, tmp_path: Path
+) -> None:
+    out = tmp_path / "train.h5"
     write(
-        read_tiles_table(synthetic_tiles, "val"),
+        read_tiles_table(synthetic_tiles, "train"),
         synthetic_tiles,
         out,
         size=64,
         overlap=0.5,
         stats=train_stats,
     )
-    info = read_patch_info(out)
-    assert info.tiles == ["area3"]
-    assert info.stats == train_stats
-    assert info.length == 9
+    with pytest.raises(ValueError, match=r"train\.h5: not a file of whole validation tiles"):
+        read_tile_file_info(out)
 
 
 def test_chunks_hold_one_patch(synthetic_tiles: Path, train_stats: BandStats, tmp_path: Path) -> None:

@@ -73,6 +73,14 @@ def test_train_writes_checkpoint_history_and_one_mlflow_run(
     assert [r.info.run_id for r in runs] == [ref["run_id"]]
     assert runs[0].data.params["train.precision_resolved"] == precision
     assert "evaluate.overlap" not in runs[0].data.params
+    # Validation's window grid is evaluate's, on whole tiles: recorded as params of the run.
+    assert runs[0].data.params["validation.window"] == "64"
+    assert runs[0].data.params["validation.overlap"] == "0.5"
+    # The figures that chose the published model, for the leaderboard.
+    logged = runs[0].data.metrics
+    assert logged["selected_epoch"] == best_epoch
+    for key in ("overall_accuracy", "kappa", "mean_f1", "miou", "mean_f1_5", "miou_5"):
+        assert logged[f"selected_val_{key}"] == pytest.approx(meta["metrics"][f"val_{key}"])
 
 
 def test_auto_precision_is_fp32_on_cpus_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, TrainConfig
 from aerialseg.losses import class_counts, inverse_frequency_weights, patch_file_class_weights
 from aerialseg.model import model_args
-from aerialseg.training import OPTIMIZERS, SegmentationTask, train
+from aerialseg.training import OPTIMIZERS, SegmentationTask, Validation, train
 
 # ---------------------------------------------------------------- class weights and config
 
@@ -105,8 +105,19 @@ def _batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
     return samples
 
 
+def _val_tiles() -> list[dict[str, Any]]:
+    """One whole val tile, as data.ValidationTiles yields it (numpy, not batched)."""
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, NUM_CLASSES, (48, 48), dtype=np.uint8)
+    reference[:4] = IGNORE_INDEX
+    return [
+        {"tile": "t", "image": rng.standard_normal((4, 48, 48), dtype=np.float32), "reference": reference}
+    ]
+
+
 def _fit_one_batch(task: SegmentationTask) -> L.Trainer:
     loader = torch.utils.data.DataLoader(_batches(), batch_size=2)
+    val = torch.utils.data.DataLoader(_val_tiles(), batch_size=None, collate_fn=lambda item: item)
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=1,
@@ -118,13 +129,14 @@ def _fit_one_batch(task: SegmentationTask) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(task, loader, loader)
+    trainer.fit(task, loader, val)
     return trainer
 
 
 def _task(**kwargs: Any) -> SegmentationTask:
     torch.manual_seed(0)
-    return SegmentationTask(model_args("fpn", "resnet18", 4, NUM_CLASSES), **kwargs)
+    args = model_args("fpn", "resnet18", 4, NUM_CLASSES)
+    return SegmentationTask(args, validation=Validation(window=32, overlap=0.5), **kwargs)
 
 
 def _fit_and_check_weights_moved(task: SegmentationTask) -> L.Trainer:

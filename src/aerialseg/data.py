@@ -1,4 +1,5 @@
-"""A torch Dataset over the HDF5 patches, with albumentations for training."""
+"""Torch datasets over the HDF5 files of the `patches` stage: training patches (with
+albumentations) and whole validation tiles."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from aerialseg.config import SPECTRAL_BANDS
-from aerialseg.patches import read_patch_info
+from aerialseg.patches import read_patch_info, read_tile_file_info
 
 
 def build_augmentation() -> A.Compose:
@@ -142,3 +143,32 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         state["_h5"] = None
         state["_pid"] = None
         return state
+
+
+class ValidationTiles(Dataset[dict[str, Any]]):
+    """The whole validation tiles of a `val.h5`: `{"tile": id, "image": (C, H, W) float32
+    normalised, "reference": (H, W) uint8 eroded reference, 255 not scored}` as numpy arrays.
+
+    Index -1 is an empty item (`{"tile": None}`): `TileShards` gives it to a DDP rank that has
+    no tile left, so that every rank runs the same number of validation steps.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        info = read_tile_file_info(self.path)
+        self.tiles = info.tiles
+        self.mean = np.asarray(info.stats.mean, dtype=np.float32)[:, None, None]
+        self.std = np.asarray(info.stats.std, dtype=np.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            return {"tile": None}
+        tile = self.tiles[index]
+        # Opened per item: a handful of whole tiles per epoch, never shared across processes.
+        with h5py.File(self.path, "r") as h5:
+            image = h5[f"tiles/{tile}/image"][:]
+            reference = h5[f"tiles/{tile}/reference"][:]
+        return {"tile": tile, "image": (image - self.mean) / self.std, "reference": reference}

@@ -4,30 +4,30 @@ a resumed run repeat an uninterrupted one."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from aerialseg.config import TrainConfig
-from aerialseg.data import PatchDataset
-from aerialseg.patches import PatchFileInfo
+from aerialseg.data import PatchDataset, ValidationTiles
+from aerialseg.patches import PatchFileInfo, TileFileInfo
 
 
 class PatchData(L.LightningDataModule):
-    """Train and val loaders whose samplers shard the patches over the DDP ranks.
+    """Train patches and whole val tiles, both sharded over the DDP ranks.
 
     Built here rather than by Lightning (use_distributed_sampler=False) for two reasons: the
-    val sampler must not pad the last shard with repeated patches, which would count some
-    val pixels twice; and the train order must depend only on (seed, epoch), so that a resumed
-    run sees the same batches as an uninterrupted one.
+    val tiles are dealt out whole, each to one rank, so that each val pixel counts once; and
+    the train order must depend only on (seed, epoch), so that a resumed run sees the same
+    batches as an uninterrupted one.
     """
 
-    def __init__(self, train: PatchFileInfo, val: PatchFileInfo, cfg: TrainConfig) -> None:
+    def __init__(self, train: PatchFileInfo, val: TileFileInfo, cfg: TrainConfig) -> None:
         super().__init__()
         self.train_info, self.val_info, self.cfg = train, val, cfg
 
@@ -39,11 +39,11 @@ class PatchData(L.LightningDataModule):
         return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader[Any]:
-        dataset = PatchDataset(self.val_info.path, augment=False)
-        sampler = UnrepeatedDistributedSampler(
-            dataset, num_replicas=self._world(), rank=self._rank(), shuffle=False
-        )
-        return self._loader(dataset, sampler)
+        # One whole tile per step, read in this process: a tile is too large to hand over
+        # between processes cheaply, and predicting it costs far more than reading it.
+        dataset = ValidationTiles(self.val_info.path)
+        sampler = TileShards(len(dataset), self._world(), self._rank())
+        return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)  # type: ignore[arg-type]
 
     def _loader(self, dataset: PatchDataset, sampler: DistributedSampler[Any]) -> DataLoader[Any]:
         workers = self.cfg.num_workers
@@ -61,6 +61,27 @@ class PatchData(L.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+
+class TileShards(Sampler[int]):
+    """Tiles rank, rank + world, ... for one DDP rank, padded with -1 (an empty item) so that every
+    rank takes the same number of steps: a rank without any step would skip validation and leave
+    the others waiting in the confusion matrix's all-reduce."""
+
+    def __init__(self, tiles: int, world: int, rank: int) -> None:
+        self.indices = list(range(rank, tiles, world))
+        self.indices += [-1] * (-(-tiles // world) - len(self.indices))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    """Numpy arrays stay numpy (and on the CPU): the sliding window moves one batch of windows at a time."""
+    return item
 
 
 class RandomStreams(Callback):

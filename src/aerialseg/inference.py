@@ -56,11 +56,12 @@ def predict_probabilities(
 
 
 def _forward(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    probs = torch.softmax(model(x), dim=1)
+    # In float32 whatever precision the network ran in (bfloat16 autocast in training's validation).
+    probs = torch.softmax(model(x).float(), dim=1)
     if not tta:
         return probs
     for dims in ((-1,), (-2,)):
-        probs += torch.softmax(model(x.flip(dims)), dim=1).flip(dims)
+        probs += torch.softmax(model(x.flip(dims)).float(), dim=1).flip(dims)
     return probs / 3.0
 
 

@@ -1,4 +1,10 @@
-"""Overlapped training patches in self-describing, chunked HDF5 files."""
+"""Training patches and validation tiles in self-describing, chunked HDF5 files.
+
+- `train.h5`: overlapping windows of the training tiles (`write_patches`), one patch a chunk.
+- `val.h5`: the validation tiles whole, with their eroded reference (`write_validation_tiles`),
+  so that validation predicts them with the sliding window of `evaluate` and counts each
+  pixel once, as the test protocol does, instead of scoring overlapping patches.
+"""
 
 from __future__ import annotations
 
@@ -122,6 +128,75 @@ def write_patches(
             tiles=json.dumps(tiles["tile"].tolist()),
         )
         return int(image_ds.shape[0])
+
+
+VALIDATION_CHUNK = 256
+"""Rows and columns of one chunk of a whole validation tile (read whole, so any size works)."""
+
+
+def write_validation_tiles(
+    tiles: pd.DataFrame, tiles_dir: Path, out_path: Path, *, stats: BandStats, bands: list[str]
+) -> int:
+    """Copy every tile of `tiles` whole into one HDF5 file: `tiles/<id>/image` (bands, H, W)
+    float32 as the `tiles` stage wrote it (not normalised; the training statistics travel as
+    attributes) and `tiles/<id>/reference` (H, W) uint8, the eroded reference (255 = boundary,
+    not scored), as `evaluate` scores the test tiles. Returns the number of pixels scored.
+
+    Raises ValueError naming the file when a tile has other bands than `bands`, or no tile is given.
+    """
+    if tiles.empty:
+        raise ValueError(f"{out_path}: no validation tiles (data.val_tiles)")
+    scored = 0
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
+        for row in track(list(tiles.itertuples()), f"tiles {out_path.name}", unit="tile"):
+            image, _ = read_raster(tiles_dir / str(row.image))
+            reference, _ = read_raster(tiles_dir / str(row.label_eroded))
+            if image.shape[0] != len(bands):
+                raise ValueError(
+                    f"{tiles_dir / str(row.image)}: {image.shape[0]} bands, expected {len(bands)} ({bands})"
+                )
+            group = h5.create_group(f"tiles/{row.tile}")
+            chunk = (min(VALIDATION_CHUNK, image.shape[1]), min(VALIDATION_CHUNK, image.shape[2]))
+            group.create_dataset("image", data=image.astype(np.float32), chunks=(len(bands), *chunk))
+            group.create_dataset("reference", data=reference[0].astype(np.uint8), chunks=chunk)
+            scored += int(np.count_nonzero(reference[0] != IGNORE_INDEX))
+        h5.attrs.update(
+            kind="tiles",
+            reference="eroded",
+            bands=json.dumps(bands),
+            classes=json.dumps(legend()),
+            ignore_index=IGNORE_INDEX,
+            mean=np.asarray(stats.mean, dtype=np.float64),
+            std=np.asarray(stats.std, dtype=np.float64),
+            tiles=json.dumps([str(t) for t in tiles["tile"]]),
+        )
+    return scored
+
+
+@dataclass(frozen=True)
+class TileFileInfo:
+    """What a file of whole validation tiles says about itself."""
+
+    path: Path
+    tiles: list[str]
+    bands: list[str]
+    stats: BandStats
+
+
+def read_tile_file_info(path: Path) -> TileFileInfo:
+    """Raises FileNotFoundError or ValueError (naming `path`) when it is missing or not a tile file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no validation tile file; run the `patches` stage first")
+    with h5py.File(path, "r") as h5:
+        a = h5.attrs
+        if a.get("kind") != "tiles":
+            raise ValueError(f"{path}: not a file of whole validation tiles; rerun the `patches` stage")
+        return TileFileInfo(
+            path=path,
+            tiles=json.loads(a["tiles"]),
+            bands=json.loads(a["bands"]),
+            stats=BandStats(tuple(a["mean"].tolist()), tuple(a["std"].tolist())),
+        )
 
 
 @dataclass(frozen=True)

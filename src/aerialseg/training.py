@@ -2,6 +2,9 @@
 
 Layout under `paths.models`:
 - `model.ckpt`: the self-describing checkpoint (best epoch by val_mean_f1), read by `evaluate`;
+  the val figures come from the whole validation tiles, predicted as `evaluate` predicts the test
+  tiles (sliding window, blending, TTA, eroded reference, each pixel once), so the model is
+  chosen by the figure the project reports;
 - `history.csv`, `mlflow_run.json`: per-epoch metrics and the MLflow run (DVC outputs);
 - `checkpoints/`: Lightning's `last.ckpt` and `best.ckpt`, plus `mlflow_run.json`, which
   `train.resume` continues from (the training run and its MLflow run).
@@ -14,10 +17,12 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -25,6 +30,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from aerialseg.checkpoint import describe, save_checkpoint
@@ -32,10 +38,11 @@ from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, Precision, TrainConfig
 from aerialseg.data import SpectralJitter
 from aerialseg.datamodule import PatchData, RandomStreams
+from aerialseg.inference import predict_probabilities
 from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
-from aerialseg.patches import PatchFileInfo, read_patch_info
+from aerialseg.patches import PatchFileInfo, read_patch_info, read_tile_file_info
 from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
     HARDWARE_TAG,
@@ -65,6 +72,22 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 RUN_REF = "mlflow_run.json"
 HISTORY_KEY = "aerialseg_history"
+VAL_SCORES = ("overall_accuracy", "kappa", "mean_f1", "miou", "mean_f1_5", "miou_5")
+"""Logged per epoch as val_<key>, and for the published epoch as selected_val_<key>."""
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How the whole validation tiles are predicted: `evaluate`'s window grid, blending and TTA.
+
+    window: px, the training patch size; overlap: evaluate.overlap; tta: evaluate.tta (flips);
+    batch_size: windows per forward pass.
+    """
+
+    window: int
+    overlap: float = 0.5
+    tta: bool = False
+    batch_size: int = 4
 
 
 # ---------------------------------------------------------------- the task
@@ -87,19 +110,23 @@ class SegmentationTask(L.LightningModule):
         scheduler: str = "none",
         compile: bool = False,
         jitter: SpectralJitter | None = None,
+        validation: Validation | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {list(SCHEDULERS)}")
-        self.save_hyperparameters(ignore=["jitter"])
+        self.save_hyperparameters(ignore=["jitter", "validation"])
         self.model = build_model(args, weights)
         # Photometric augmentation of the training batches, where they already are (the GPU).
         self.jitter = jitter
         self.loss = build_loss(loss, class_weights)
-        # torchmetrics sums the matrix over DDP ranks, so every val pixel counts once.
+        self.validation = validation or Validation(window=256)
+        # torchmetrics sums over DDP ranks; each val tile is on one rank: every pixel counts once.
         self.val_confusion = MulticlassConfusionMatrix(args["classes"], ignore_index=IGNORE_INDEX)
+        self.val_loss = MeanMetric()
+        self._val_started = 0.0
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -128,24 +155,49 @@ class SegmentationTask(L.LightningModule):
         )
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["image"])
-        loss = self.loss(logits, batch["mask"])
-        self.log(
-            "val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch["mask"])
+    def on_validation_epoch_start(self) -> None:
+        self._val_started = time.perf_counter()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One whole val tile (`data.ValidationTiles`), predicted as `evaluate` predicts a test tile."""
+        if batch["tile"] is None:  # this rank's share of the tiles is used up (TileShards)
+            return
+        v = self.validation
+        probs = predict_probabilities(
+            self,
+            batch["image"],
+            window=v.window,
+            overlap=v.overlap,
+            batch_size=v.batch_size,
+            tta=v.tta,
+            device=self.device,
         )
-        self.val_confusion.update(logits.argmax(dim=1), batch["mask"])
+        reference = torch.from_numpy(batch["reference"].astype(np.int64))
+        self.val_confusion.update(
+            torch.from_numpy(probs.argmax(axis=0)).to(self.device), reference.to(self.device)
+        )
+        # val_loss: cross-entropy of the blended probabilities on the scored pixels.
+        scored = reference != IGNORE_INDEX
+        if scored.any():
+            p = torch.from_numpy(probs)[:, scored].gather(0, reference[scored][None]).clamp_min(1e-7)
+            self.val_loss.update(-p.log().mean().to(self.device), weight=int(scored.sum()))
 
     def on_validation_epoch_end(self) -> None:
         # compute() gathers the matrix from every rank: the same values on all of them.
         cm = self.val_confusion.compute().cpu().numpy()
+        loss = float(self.val_loss.compute())
         self.val_confusion.reset()
+        self.val_loss.reset()
         result = scores(cm, CLASS_NAMES[: cm.shape[0]])
-        for key in ("overall_accuracy", "mean_f1", "miou", "kappa"):
+        for key in VAL_SCORES:
             if result[key] is not None:
                 self.log(f"val_{key}", float(result[key]), prog_bar=key == "mean_f1")
+        if cm.sum():
+            self.log("val_loss", loss, prog_bar=True)
         # How many pixels were scored: a DDP run must count each val pixel exactly once.
         self.log("val_pixels", float(cm.sum()))
+        # What whole-tile validation costs per epoch (this rank's share, in seconds).
+        self.log("val_seconds", time.perf_counter() - self._val_started)
 
     def on_train_epoch_end(self) -> None:
         # Runs after validation in Lightning 2.x, so the epoch's val metrics are in here too.
@@ -267,7 +319,12 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     cfg = params.train
     L.seed_everything(cfg.seed, workers=True)
     train_info = read_patch_info(params.paths.patches / "train.h5")
-    val_info = read_patch_info(params.paths.patches / "val.h5")
+    val_info = read_tile_file_info(params.paths.patches / "val.h5")
+    if val_info.bands != train_info.bands:
+        raise ValueError(
+            f"{val_info.path}: bands {val_info.bands}, but {train_info.path} has {train_info.bands}; "
+            "rerun the `patches` stage"
+        )
     check_input_size(train_info.size, train_info.size)
     args = model_args(params.model.arch, params.model.encoder, len(train_info.bands), NUM_CLASSES)
     precision = resolve_precision(cfg.precision, cfg.accelerator)
@@ -287,6 +344,12 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         jitter=SpectralJitter(train_info.bands, train_info.stats.mean, train_info.stats.std)
         if cfg.augment
         else None,
+        validation=Validation(
+            window=train_info.size,
+            overlap=params.evaluate.overlap,
+            tta=params.evaluate.tta,
+            batch_size=cfg.batch_size,
+        ),
     )
     out = params.paths.models
     ckpt_dir = out / CHECKPOINT_DIR
@@ -296,8 +359,14 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         # Everything that shapes the model; evaluate.* goes on the run as tags when `evaluate` runs.
         # A resumed run keeps the parameters it was started with (MLflow refuses to change them).
         logged = flatten(params.model_dump(mode="json", exclude={"evaluate"}))
+        validation = {f"validation.{k}": v for k, v in vars(task.validation).items()}
         logger.log_hyperparams(
-            {**logged, "train.precision_resolved": precision, "train.class_weights_resolved": class_weights}
+            {
+                **logged,
+                **validation,
+                "train.precision_resolved": precision,
+                "train.class_weights_resolved": class_weights,
+            }
         )
     # Both written at the end of each training epoch, after the task has added that epoch to its
     # history. Two callbacks, because Lightning's save_last only saves when the best one changes.
@@ -331,6 +400,8 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         callbacks=all_callbacks,
         limit_train_batches=cfg.limit_train_batches or 1.0,
         log_every_n_steps=1,
+        # No sanity check: it would predict a whole val tile before training, for nothing.
+        num_sanity_val_steps=0,
         deterministic=resolve_deterministic(cfg.deterministic, cfg.accelerator),  # type: ignore[arg-type]
         use_distributed_sampler=False,  # PatchData shards the patches itself
         default_root_dir=str(out),
@@ -349,6 +420,13 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         logger.log_metrics({"train_seconds": seconds})
         network, epoch = _selected_network(task, args, best.best_model_path)
         selected = next((row for row in task.history if row["epoch"] == epoch), final)
+        # The figures that chose the published model, for the leaderboard to rank by.
+        logger.log_metrics(
+            {
+                "selected_epoch": epoch,
+                **{f"selected_val_{k}": selected[f"val_{k}"] for k in VAL_SCORES if f"val_{k}" in selected},
+            }
+        )
         save_checkpoint(
             out / "model.ckpt",
             network,
