@@ -1,8 +1,14 @@
 """`aerialseg leaderboard`: every MLflow run of the experiment in one table, best first.
 
 The lecture's "tutorial competition" table (accuracy and training time per team), generated from
-the runs themselves: key params, the test figures `evaluate` logged, the training time, the
-hardware, and where each run came from (git commit, DVC experiment).
+the runs themselves: key params, the validation figure that picked each run's checkpoint, the test
+figures `evaluate` logged beside it, the training time, the hardware, and where each run came from
+(git commit, DVC experiment).
+
+Ranked by validation by default: `selected_val_mean_f1`, the validation mean F1 of the epoch whose
+checkpoint `train` published (whole validation tiles, eroded reference, the test protocol). Ranking
+by a test figure is possible (`--sort test_mean_f1`), and the output then says that this selects on
+the test set.
 """
 
 from __future__ import annotations
@@ -20,15 +26,19 @@ import typer
 import yaml
 
 from aerialseg.files import atomic_path
+from aerialseg.published import LECTURE_TAG, LECTURE_TILES, lecture_overall_accuracy_text
 from aerialseg.tracking import HARDWARE_TAG, tracking_uri
 
 DEFAULT_EXPERIMENT = "aerialseg"
-DEFAULT_SORT = "mean_f1"
+BENCHMARK_SOURCES = ("vaihingen", "potsdam")
+"""Runs with one of these `data.source` and `data.split: official` are benchmark runs: their
+headline figures are the 5-class means (clutter out), as the benchmark's papers report them."""
 
 PARAM_COLUMNS = {
     "arch": "model.arch",
     "encoder": "model.encoder",
     "data": "data.source",
+    "split": "data.split",
     "epochs": "train.epochs",
     "overlap": "patches.overlap",
     "augment": "train.augment",
@@ -36,28 +46,41 @@ PARAM_COLUMNS = {
     "precision": "train.precision_resolved",
 }
 """Leaderboard column -> MLflow param (training logs params.yaml flattened, `train.epochs`)."""
-METRIC_COLUMNS = {
-    "oa": "test_overall_accuracy",
-    "mean_f1": "test_mean_f1",
-    "miou": "test_miou",
-    "kappa": "test_kappa",
-    "train_s": "train_seconds",
+VAL_COLUMNS = {
+    "val_mean_f1": "selected_val_mean_f1",
+    "val_mean_f1_5": "selected_val_mean_f1_5",
+    "val_miou": "selected_val_miou",
+    "val_miou_5": "selected_val_miou_5",
+    "val_oa": "selected_val_overall_accuracy",
+    "val_kappa": "selected_val_kappa",
+    "val_epoch": "selected_epoch",
 }
-"""Leaderboard column -> MLflow metric (`evaluate` logs test_*, `train` logs train_seconds)."""
-SCORES = ("oa", "mean_f1", "miou", "kappa")
-TEXT_COLUMNS = (
-    "#",
-    "run",
-    "run_id",
-    "started",
-    *PARAM_COLUMNS,
-    *METRIC_COLUMNS,
-    "hardware",
-    "commit",
-    "dvc_exp",
-    "status",
-)
-"""The columns of the terminal and markdown tables; CSV has every column of `build_leaderboard`."""
+"""Leaderboard column -> MLflow metric: the validation figures of the epoch whose checkpoint `train`
+published (logged once, at the end of training, as selected_*)."""
+TEST_COLUMNS = {
+    "test_oa": "test_overall_accuracy",
+    "test_mean_f1": "test_mean_f1",
+    "test_miou": "test_miou",
+    "test_mean_f1_5": "test_mean_f1_5",
+    "test_miou_5": "test_miou_5",
+    "test_kappa": "test_kappa",
+}
+"""Leaderboard column -> MLflow metric (`evaluate` logs test_*, eroded reference)."""
+LECTURE_COLUMNS = {f"oa_full_{tile}": f"test_area{tile}_overall_accuracy_full" for tile in LECTURE_TILES}
+"""Leaderboard column -> MLflow metric: test OA of Vaihingen areas 15 and 23 on the full reference,
+the figure that compares with the lecture's (Vaihingen runs only)."""
+METRIC_COLUMNS = {**VAL_COLUMNS, **TEST_COLUMNS, **LECTURE_COLUMNS, "train_s": "train_seconds"}
+"""Every leaderboard column read from an MLflow metric."""
+OLD_NAMES = {"oa": "test_oa", "mean_f1": "test_mean_f1", "miou": "test_miou", "kappa": "test_kappa"}
+"""Column names of earlier versions, still accepted by --sort (they were, and are, test figures)."""
+SCORES = tuple(TEST_COLUMNS)
+"""A run with any of these has been evaluated (--evaluated-only keeps only those)."""
+HEADLINE = {
+    6: ("val_mean_f1", "test_oa", "test_mean_f1", "test_miou", "test_kappa"),
+    5: ("val_mean_f1_5", "test_oa", "test_mean_f1_5", "test_miou_5", "test_kappa"),
+}
+"""The score columns the terminal and markdown tables show, by the number of classes in the means."""
+TRAILING = ("train_s", "hardware", "commit", "dvc_exp", "status")
 DROP_FIRST = (
     "status",
     "started",
@@ -66,28 +89,41 @@ DROP_FIRST = (
     "pretrained",
     "augment",
     "overlap",
+    "split",
     "data",
     "dvc_exp",
     "commit",
     "epochs",
-    "kappa",
-    "miou",
+    "lecture",
+    "test_kappa",
+    "test_miou",
+    "test_miou_5",
     "hardware",
     "encoder",
     "arch",
 )
 """Columns the terminal table leaves out, in this order, while it is wider than the terminal
-(`hardware` wraps first); extra --param columns stay (asked for), and so do #, run, oa, mean_f1
-and train_s."""
+(`hardware` wraps first); extra --param columns stay (asked for), and so do #, run, the validation
+figure ranked by, test OA and mean F1, the lecture's comparison figures and train_s."""
 WRAPPED = {"hardware": 18}
 """Columns that may wrap on the terminal, and the width they may shrink to."""
-RIGHT_ALIGNED = {"#", *SCORES, "train_s", "epochs", "overlap"}
+RIGHT_ALIGNED = {"#", *VAL_COLUMNS, *TEST_COLUMNS, *LECTURE_COLUMNS, "train_s", "epochs", "overlap"}
+NUMERIC = {*METRIC_COLUMNS} - {"train_s", "val_epoch"}
+"""Score columns, shown with three decimals."""
 
 
 class Format(StrEnum):
     table = "table"
     markdown = "markdown"
     csv = "csv"
+
+
+class Classes(StrEnum):
+    """How many classes the headline means average over."""
+
+    auto = "auto"
+    six = "6"
+    five = "5"
 
 
 def experiment_name(params: Path = Path("params.yaml")) -> str:
@@ -130,16 +166,25 @@ def load_runs(experiment: str, uri: str | None = None) -> list[Any]:
 def build_leaderboard(
     runs: Iterable[Any],
     *,
-    sort: str = DEFAULT_SORT,
+    sort: str | None = None,
     ascending: bool = False,
     extra_params: Sequence[str] = (),
     evaluated_only: bool = False,
+    classes: Classes | str = Classes.auto,
 ) -> pd.DataFrame:
-    """One row per run, sorted by the column `sort` (runs without a value, such as runs not
-    evaluated yet, last). Columns: run, run_id (full), started, the PARAM_COLUMNS, each of
-    `extra_params` under its own name, the METRIC_COLUMNS, hardware, commit (short), dirty,
+    """One row per run, sorted by the column `sort`; runs without a value there come last, in
+    MLflow's order (newest first). `sort` None: by validation, `default_sort`.
+
+    Columns: run, run_id (full), started, the PARAM_COLUMNS, each of `extra_params` under its own
+    name, the METRIC_COLUMNS (val_*: the published epoch's validation figures; test_*; oa_full_15
+    and oa_full_23, Vaihingen runs only; train_s), lecture, hardware, commit (short), dirty,
     dvc_exp, status. Values are as logged: params are MLflow's strings, metrics floats (NaN when
-    missing)."""
+    missing).
+
+    Runs logged before `train` published the selected epoch's figures (no selected_val_* metrics)
+    have no val_* values and are not ranked by validation: their per-epoch val_* were measured on
+    overlapping patches against the full reference, another protocol, so no fallback mixes them in.
+    """
     rows = [_row(run, extra_params) for run in runs]
     columns = [
         "run",
@@ -148,6 +193,7 @@ def build_leaderboard(
         *PARAM_COLUMNS,
         *extra_params,
         *METRIC_COLUMNS,
+        "lecture",
         "hardware",
         "commit",
         "dirty",
@@ -160,9 +206,33 @@ def build_leaderboard(
     table["dirty"] = table["dirty"].astype("boolean")
     if evaluated_only:
         table = table[table[list(SCORES)].notna().any(axis=1)]
-    key = _column(sort, list(table.columns))
+    key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
     table = table.sort_values(key, ascending=ascending, na_position="last", kind="stable", key=_as_numbers)
     return table.reset_index(drop=True)
+
+
+def is_benchmark(source: Any, split: Any) -> bool:
+    """A run on the official benchmark: Vaihingen or Potsdam with the official split."""
+    return source in BENCHMARK_SOURCES and split == "official"
+
+
+def headline_classes(table: pd.DataFrame, classes: Classes | str = Classes.auto) -> int:
+    """5 or 6: the classes the headline means average over. `auto`: 5 when every run that logged
+    its data is a benchmark run (`is_benchmark`), else 6, so that a mixed experiment is compared on
+    the figure every run has (the 6-class means; --classes 5 shows the benchmark's)."""
+    if Classes(classes) is not Classes.auto:
+        return int(Classes(classes).value)
+    known = table[table["data"].notna()]
+    if known.empty:
+        return 6
+    benchmark = [is_benchmark(src, split) for src, split in zip(known["data"], known["split"], strict=True)]
+    return 5 if all(benchmark) else 6
+
+
+def default_sort(table: pd.DataFrame, classes: Classes | str = Classes.auto) -> str:
+    """The validation figure that picks a model: val_mean_f1, or val_mean_f1_5 where the
+    headline means are over 5 classes."""
+    return HEADLINE[headline_classes(table, classes)][0]
 
 
 def _as_numbers(values: pd.Series) -> pd.Series:
@@ -177,6 +247,7 @@ def _row(run: Any, extra_params: Sequence[str]) -> dict[str, Any]:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     commit = tags.get("git_commit") or tags.get("mlflow.source.git.commit") or ""
     started = run.info.start_time
+    vaihingen = params.get("data.source") == "vaihingen"
     return {
         "run": run.info.run_name or tags.get("mlflow.runName", ""),
         "run_id": run.info.run_id,
@@ -184,6 +255,9 @@ def _row(run: Any, extra_params: Sequence[str]) -> dict[str, Any]:
         **{column: params.get(key) for column, key in PARAM_COLUMNS.items()},
         **{key: params.get(key) for key in extra_params},
         **{column: metrics.get(key) for column, key in METRIC_COLUMNS.items()},
+        # Area 15 or 23 of another dataset (synthetic scenes number their areas too) is no match.
+        **{column: metrics.get(key) if vaihingen else None for column, key in LECTURE_COLUMNS.items()},
+        "lecture": tags.get(LECTURE_TAG),
         "hardware": tags.get(HARDWARE_TAG),
         "commit": commit[:8] or None,
         "dirty": {"True": True, "False": False}.get(tags.get("git_dirty", "")),
@@ -193,30 +267,99 @@ def _row(run: Any, extra_params: Sequence[str]) -> dict[str, Any]:
 
 
 def _column(name: str, columns: Sequence[str]) -> str:
-    """`name` as a column of the table: exactly, case-insensitively, or as its MLflow param or metric."""
+    """`name` as a column of the table: exactly, case-insensitively, by its name in earlier versions
+    (oa, mean_f1, miou, kappa: test figures), or as its MLflow param or metric."""
     aliases = {key: column for column, key in {**PARAM_COLUMNS, **METRIC_COLUMNS}.items()}
-    for candidate in (name, name.lower(), aliases.get(name, "")):
+    for candidate in (name, name.lower(), OLD_NAMES.get(name.lower(), ""), aliases.get(name, "")):
         if candidate in columns:
             return candidate
     raise ValueError(f"cannot sort by {name!r}: choose one of {', '.join(columns)}")
 
 
-def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The header and cells of the terminal and markdown tables: TEXT_COLUMNS, with any extra
-    params after the key ones, as text. `#` is the rank, blank for runs without test scores."""
-    extra = [c for c in table.columns if c not in {*TEXT_COLUMNS, "dirty"}]
-    split = TEXT_COLUMNS.index(list(PARAM_COLUMNS)[-1]) + 1
-    header = [*TEXT_COLUMNS[:split], *extra, *TEXT_COLUMNS[split:]]
+def selects_on_test(column: str) -> bool:
+    """Whether ranking by `column` picks models by a test-set figure."""
+    return column in TEST_COLUMNS or column in LECTURE_COLUMNS
+
+
+def display_columns(
+    table: pd.DataFrame, sort: str | None = None, classes: Classes | str = Classes.auto
+) -> list[str]:
+    """The header of the terminal and markdown tables: #, run, run_id, started, the key params and
+    any extra ones, the HEADLINE scores (and the column ranked by, when it is another figure), the
+    lecture's comparison figures when a run has them, then train_s, hardware, commit, dvc_exp and
+    status."""
+    key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
+    extra = [c for c in table.columns if c not in _known_columns()]
+    scores = list(HEADLINE[headline_classes(table, classes)])
+    if key in METRIC_COLUMNS and key not in scores and key != "train_s":
+        scores.insert(0 if key.startswith("val_") else 1, key)
+    lecture = [c for c in LECTURE_COLUMNS if table[c].notna().any()]
+    if lecture:
+        lecture.append("lecture")
+    return ["#", "run", "run_id", "started", *PARAM_COLUMNS, *extra, *scores, *lecture, *TRAILING]
+
+
+def _known_columns() -> set[str]:
+    return {"run", "run_id", "started", *PARAM_COLUMNS, *METRIC_COLUMNS, "lecture", "dirty", *TRAILING}
+
+
+def notes(table: pd.DataFrame, sort: str | None = None, classes: Classes | str = Classes.auto) -> list[str]:
+    """One line each, said under the table: that a test figure selects on the test set, which runs
+    are not ranked and why, which figure compares with the lecture, and the classes of the means."""
+    key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
+    out = []
+    if selects_on_test(key):
+        default = default_sort(table, classes)
+        out.append(
+            f"Ranked by {key}, a TEST figure: choosing a model by it selects on the test set, and its "
+            f"test figures are then optimistic; the default ranks by validation ({default})."
+        )
+    unranked = int(table[key].isna().sum()) if key in table else 0
+    if unranked and key in VAL_COLUMNS:
+        out.append(
+            f"{unranked} run(s) without {METRIC_COLUMNS[key]} (trained before validation followed the test "
+            "protocol, or not finished): not ranked, listed last."
+        )
+    elif unranked:
+        out.append(f"{unranked} run(s) without {key}: not ranked, listed last.")
+    n = headline_classes(table, classes)
+    out.append(
+        "val_*: validation figures of the epoch whose checkpoint was published; test_*: test tiles; "
+        + (
+            "means over 5 classes (clutter left out, as the benchmark's papers report them)."
+            if n == 5
+            else "means over the 6 classes."
+        )
+    )
+    if any(table[c].notna().any() for c in LECTURE_COLUMNS):
+        columns = " and ".join(LECTURE_COLUMNS)
+        out.append(
+            f"{columns}: test OA of Vaihingen areas {' and '.join(LECTURE_TILES)} on the FULL reference, "
+            f"the figure that compares with the lecture's ({lecture_overall_accuracy_text()}); "
+            "`lecture` names the training that matches train.pretrained; reports/lecture_comparison.md "
+            "has the per-class accuracies."
+        )
+    return out
+
+
+def display_rows(
+    table: pd.DataFrame, sort: str | None = None, classes: Classes | str = Classes.auto
+) -> tuple[list[str], list[list[str]]]:
+    """The header and cells of the terminal and markdown tables (`display_columns`), as text.
+    `#` is the rank by the sort column, blank for runs without a value there."""
+    header = display_columns(table, sort, classes)
+    key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
     rows = []
     rank = 0
     for record in table.to_dict("records"):
-        scored = any(_number(record[c]) is not None for c in SCORES)
-        rank += scored
+        ranked = _number(record[key]) is not None if key in METRIC_COLUMNS else bool(_text(record[key]))
+        rank += ranked
         cells = {
-            "#": str(rank) if scored else "",
+            "#": str(rank) if ranked else "",
             "run_id": str(record["run_id"])[:8],
             "started": _when(record["started"]),
-            **{c: _score(record[c]) for c in SCORES},
+            **{c: _score(record[c]) for c in NUMERIC},
+            "val_epoch": _text(None if _number(record["val_epoch"]) is None else int(record["val_epoch"])),
             "train_s": _duration(record["train_s"]),
             "commit": _commit(record["commit"], record["dirty"]),
         }
@@ -224,15 +367,22 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table (no tabulate needed); numbers right-aligned."""
-    header, rows = display_rows(table)
+def to_markdown(
+    table: pd.DataFrame,
+    sort: str | None = None,
+    classes: Classes | str = Classes.auto,
+    notes: Sequence[str] = (),
+) -> str:
+    """A GitHub-flavoured markdown table (no tabulate needed); numbers right-aligned; `notes` after
+    it, one paragraph each."""
+    header, rows = display_rows(table, sort, classes)
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
     rule = ["---:" if c in RIGHT_ALIGNED else "---" for c in header]
-    return "\n".join([line(header), "| " + " | ".join(rule) + " |", *map(line, rows)]) + "\n"
+    text = "\n".join([line(header), "| " + " | ".join(rule) + " |", *map(line, rows)]) + "\n"
+    return text + "".join(f"\n{note}\n" for note in notes)
 
 
 def to_csv(table: pd.DataFrame) -> str:
@@ -240,23 +390,37 @@ def to_csv(table: pd.DataFrame) -> str:
     return str(table.to_csv(index=False))
 
 
-def render_table(table: pd.DataFrame, title: str) -> str:
-    """The terminal table as plain text, every column (for --output with the table format)."""
+def render_table(
+    table: pd.DataFrame,
+    title: str,
+    sort: str | None = None,
+    classes: Classes | str = Classes.auto,
+    notes: Sequence[str] = (),
+) -> str:
+    """The terminal table as plain text, every column (for --output with the table format), and
+    the notes under it."""
     from rich.console import Console
 
-    header, rows = display_rows(table)
+    header, rows = display_rows(table, sort, classes)
     buffer = io.StringIO()
     console = Console(width=_natural_width(header, rows, shrink=False), file=buffer, color_system=None)
     console.print(_rich_table(header, rows, title))
-    return buffer.getvalue()
+    return buffer.getvalue() + "".join(f"{note}\n" for note in notes)
 
 
-def print_table(table: pd.DataFrame, title: str) -> None:
-    """The table on the terminal; columns of DROP_FIRST are left out, in that order, until it fits."""
+def print_table(
+    table: pd.DataFrame,
+    title: str,
+    sort: str | None = None,
+    classes: Classes | str = Classes.auto,
+    notes: Sequence[str] = (),
+) -> None:
+    """The table on the terminal, the notes under it; columns of DROP_FIRST are left out, in that
+    order, until it fits."""
     from rich.console import Console
 
     console = Console()
-    header, rows = display_rows(table)
+    header, rows = display_rows(table, sort, classes)
     hidden: list[str] = []
     for column in DROP_FIRST:
         if _natural_width(header, rows) <= console.width:
@@ -269,6 +433,8 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     if hidden:
         out.caption = f"not shown (too narrow): {', '.join(hidden)}; --format markdown or csv has them all"
     console.print(out)
+    for note in notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)  # one line each
 
 
 def _natural_width(header: Sequence[str], rows: Sequence[Sequence[str]], shrink: bool = True) -> int:
@@ -340,10 +506,21 @@ def _text(value: Any) -> str:
 
 def leaderboard_command(
     sort: Annotated[
-        str,
-        typer.Option(help="column to rank by: oa, mean_f1, miou, kappa, train_s, run, started, epochs, ..."),
-    ] = DEFAULT_SORT,
+        str | None,
+        typer.Option(
+            help="column to rank by; default: the validation figure that picks the checkpoint "
+            "(val_mean_f1, or val_mean_f1_5 for benchmark runs); also test_oa, test_mean_f1, "
+            "test_miou, train_s, run, started, epochs, ... (a test figure selects on the test set)"
+        ),
+    ] = None,
     ascending: Annotated[bool, typer.Option("--ascending", help="smallest first (e.g. for train_s)")] = False,
+    classes: Annotated[
+        Classes,
+        typer.Option(
+            help="classes of the headline means: 5 (clutter out) or 6; auto: 5 when every run is a "
+            "benchmark run (vaihingen/potsdam, data.split official), else 6"
+        ),
+    ] = Classes.auto,
     fmt: Annotated[
         Format | None,
         typer.Option("--format", help="table (terminal), markdown or csv; default from --output's suffix"),
@@ -369,36 +546,52 @@ def leaderboard_command(
         typer.Option("--tracking-uri", help="MLflow store; default MLFLOW_TRACKING_URI or ./mlflow.db"),
     ] = None,
 ) -> None:
-    """Rank every MLflow run of the experiment: key params, test OA / mean F1 / mIoU / kappa,
-    training time, hardware, git commit and DVC experiment (runs not evaluated yet come last)."""
+    """Rank every MLflow run of the experiment by the validation figure that picked its checkpoint,
+    with the test figures beside it: key params, validation and test scores, training time,
+    hardware, git commit and DVC experiment (runs without the figure ranked by come last)."""
     name = experiment or experiment_name(params)
     try:
         runs = load_runs(name, uri)
         table = build_leaderboard(
-            runs, sort=sort, ascending=ascending, extra_params=param or (), evaluated_only=evaluated_only
+            runs,
+            sort=sort,
+            ascending=ascending,
+            extra_params=param or (),
+            evaluated_only=evaluated_only,
+            classes=classes,
         )
+        # Decided on every run, before --top: the shown rows do not change the headline.
+        key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
+        chosen_classes = Classes(str(headline_classes(table, classes)))
     except (LookupError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if top is not None:
         table = table.head(top)
+    said = notes(table, key, chosen_classes)
     chosen = fmt or _format_for(output)
-    title = f"{name}: {len(table)} runs, by {sort}{' ascending' if ascending else ''}"
+    kind = "TEST set" if selects_on_test(key) else "validation" if key in VAL_COLUMNS else ""
+    title = f"{name}: {len(table)} runs, by {key}" + (f" ({kind})" if kind else "")
+    title += " ascending" if ascending else ""
     if chosen is Format.csv:
         text = to_csv(table)
+        for note in said:  # CSV stays parseable: the notes go to stderr
+            typer.echo(note, err=True)
     elif chosen is Format.markdown:
-        text = to_markdown(table)
+        text = to_markdown(table, key, chosen_classes, said)
     elif output is None:
-        print_table(table, title)
+        print_table(table, title, key, chosen_classes, said)
         return
     else:
-        text = render_table(table, title)
+        text = render_table(table, title, key, chosen_classes, said)
     if output is None:
         typer.echo(text, nl=False)
         return
     with atomic_path(output) as tmp:
         tmp.write_text(text)
     typer.echo(f"{output}: {len(table)} runs", err=True)
+    if selects_on_test(key) and chosen is not Format.csv:
+        typer.echo(said[0], err=True)
 
 
 def _format_for(output: Path | None) -> Format:
