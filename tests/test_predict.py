@@ -16,6 +16,8 @@ import torch
 from affine import Affine
 from PIL import Image
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
+from rasterio.windows import Window
 from torch import nn
 from typer.testing import CliRunner
 
@@ -23,6 +25,8 @@ from aerialseg.checkpoint import describe, save_checkpoint
 from aerialseg.classes import CLASSES
 from aerialseg.cli import app
 from aerialseg.config import Params
+from aerialseg.datasets.isprs_convert import TilePlan, _ImageBlocks, ndsm_metres_from_grey
+from aerialseg.datasets.isprs_layout import NDSM, POTSDAM
 from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.evaluation import evaluate
 from aerialseg.inference import predict_probabilities
@@ -337,13 +341,12 @@ def test_isprs_units_are_converted_like_the_tiles_stage(evaluated: dict[str, Any
         same = np.mean(got.read(1) == ref.read(1))
     # Equal up to float rounding of x * 255 / 255 and of the percentile (a tie may flip).
     assert same > 0.999, same
-    # Read as tiles-stage units instead, the same file gives another map.
+    # Read as tiles-stage units instead, the same file would give another map: it stops instead.
     result = _predict(str(raw_path), "-m", str(evaluated["checkpoint"]), "-o", str(tmp_path / "as-tiles"))
-    with (
-        rasterio.open(evaluated["evaluated"]) as ref,
-        rasterio.open(tmp_path / "as-tiles" / "area_raw.tif") as got,
-    ):
-        assert np.mean(got.read(1) == ref.read(1)) < 0.9
+    assert result.exit_code == 1
+    assert f"{raw_path} band 1 (ir): float32 values" in result.output
+    assert "pass --units isprs" in result.output
+    assert _listing(tmp_path / "as-tiles") == []
 
 
 @pytest.mark.parametrize("uri", ["runs:/{run_id}/model", "models:/aerialseg-test@candidate"])
@@ -434,3 +437,249 @@ def test_bad_options_fail_clearly(tmp_path: Path, checkpoint: Path, args: list[s
     result = _predict(str(source), "-m", str(checkpoint), "-o", str(tmp_path / "out"), *args)
     assert result.exit_code == 1 and message in result.output
     assert _listing(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------- units and alpha
+
+
+def _write_bands(path: Path, bands: np.ndarray, colorinterp: list[ColorInterp] | None = None) -> Path:
+    profile = {"driver": "GTiff", "height": bands.shape[1], "width": bands.shape[2], "count": len(bands),
+               "dtype": bands.dtype.name, "crs": CRS_3035, "transform": ROTATED}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        if colorinterp is not None:
+            dst.colorinterp = colorinterp
+        dst.write(bands)
+    return path
+
+
+def _uint8_stack(height: int = 80, width: int = 80) -> np.ndarray:
+    """ir, r, g as 8-bit values 0-255, dsm as integer metres: integer spectral bands for a model
+    with a height band (whose band mean, in metres, is above 1)."""
+    image = _image(height, width)
+    image[:3] = np.clip(image[:3], 0, 1) * 255
+    image[:3, 0, 0], image[:3, 0, 1] = 0, 255
+    return np.rint(image).astype(np.uint8)
+
+
+def _float_0_255_stack(height: int = 80, width: int = 80) -> np.ndarray:
+    """The same 8-bit values stored as float32 next to a DSM in metres above sea level."""
+    image = _uint8_stack(height, width).astype(np.float32)
+    image[3] += 263.5
+    return image
+
+
+def _uint16_stack(height: int = 80, width: int = 80) -> np.ndarray:
+    """12-bit imagery in 16 bits (values 0-4095), DSM in metres."""
+    image = _image(height, width)
+    image[:3] = np.clip(image[:3], 0, 1) * 4095
+    image[:3, 0, 0], image[:3, 0, 1] = 0, 4095
+    image[3] += 263.5
+    return np.rint(image).astype(np.uint16)
+
+
+def _reflectances(height: int = 80, width: int = 80) -> np.ndarray:
+    return _image(height, width)  # tiles units, given --units isprs
+
+
+@pytest.mark.parametrize(
+    ("make", "units", "message"),
+    [
+        (
+            _uint8_stack,
+            "tiles",
+            "band 1 (ir): uint8 values in [0, 255] (sampled), but the model expects reflectances in "
+            "[0, 1] as the tiles stage writes them (float32); pass --units isprs to convert the ISPRS "
+            "products' 8-bit values",
+        ),
+        (
+            _float_0_255_stack,
+            "tiles",
+            "band 1 (ir): float32 values in [0, 255] (sampled), but the model expects reflectances in [0, 1]",
+        ),
+        (
+            _uint16_stack,
+            "tiles",
+            "band 1 (ir): uint16 values in [0, 4095] (sampled), but the model expects reflectances in [0, 1] "
+            "as the tiles stage writes them (float32); scale the band to [0, 1] first",
+        ),
+        (
+            _uint16_stack,
+            "isprs",
+            "band 1 (ir): uint16 values in [0, 4095] (sampled), but --units isprs expects the ISPRS "
+            "products' 8-bit values 0-255; convert 16-bit or 12-bit imagery to 0-255 first",
+        ),
+        (
+            _reflectances,
+            "isprs",
+            "band 1 (ir): float32 values",  # checked below: "look like reflectances"
+        ),
+    ],
+    ids=[
+        "uint8-as-tiles",
+        "float-0-255-as-tiles",
+        "uint16-as-tiles",
+        "uint16-as-isprs",
+        "reflectances-as-isprs",
+    ],
+)
+def test_spectral_bands_in_the_wrong_units_stop_naming_file_band_and_range(
+    tmp_path: Path, checkpoint: Path, make: Any, units: str, message: str
+) -> None:
+    """Whatever other bands the model has (here a DSM in metres), and before anything is written."""
+    source = _write_bands(tmp_path / "in.tif", make())
+    out = tmp_path / "out"
+    result = _predict(str(source), "-m", str(checkpoint), "-o", str(out), "--units", units, "--probabilities")
+    assert result.exit_code == 1, result.output
+    assert f"error: {source} {message}" in result.output
+    if make is _reflectances:
+        assert "look like reflectances in [0, 1] already: leave out --units isprs" in result.output
+    assert _listing(out) == []
+
+
+def test_a_bad_file_in_a_folder_stops_on_its_units_before_anything_is_written(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "a.tif", _image(64, 64))
+    _write_bands(folder / "b.tif", _uint8_stack(64, 64))
+    result = _predict(str(folder), "-m", str(checkpoint), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and f"{folder / 'b.tif'} band 1 (ir): uint8" in result.output
+    assert _listing(tmp_path / "out") == []
+
+
+def test_isprs_units_accept_8_bit_values_in_any_integer_type(tmp_path: Path, checkpoint: Path) -> None:
+    """uint16 holding 0-255 is 8-bit imagery: predicted, and like the same values as uint8 would be."""
+    stack = _uint16_stack()
+    stack[:3] //= 16  # 0-255
+    source = _write_bands(tmp_path / "in.tif", stack)
+    result = _predict(str(source), "-m", str(checkpoint), "-o", str(tmp_path / "out"), "--units", "isprs")
+    assert result.exit_code == 0, result.output
+
+
+RGB = ["r", "g", "b"]
+RGB_STATS = BandStats(mean=(0.4, 0.35, 0.3), std=(0.2, 0.2, 0.2))
+
+
+@pytest.fixture(scope="module")
+def rgb_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    args = model_args("fcn_skip", "resnet18", len(RGB), len(CLASSES))
+    path = tmp_path_factory.mktemp("rgb_model") / "model.ckpt"
+    save_checkpoint(path, build_model(args).eval(), args, bands=RGB, stats=RGB_STATS, patch_size=PATCH,
+                    config={}, metrics={})  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(("dtype", "units"), [("uint8", "isprs"), ("float32", "tiles")])
+def test_an_alpha_band_is_nodata_and_not_fed_to_the_network(
+    tmp_path: Path, rgb_checkpoint: Path, dtype: str, units: str
+) -> None:
+    """RGBA for an RGB model: alpha 0 -> 255 in the output; elsewhere the classes of the RGB bands
+    alone (with the same pixels masked, since the network sees the band mean in nodata); partial
+    alpha counts as data. Fully opaque, the output is that of the RGB file."""
+    height, width = 96, 128
+    rgb = np.clip(_image(height, width, seed=7)[:3], 0, 1)
+    rgb = np.rint(rgb * 255).astype(np.uint8) if dtype == "uint8" else rgb.astype(np.float32)
+    alpha = np.full((height, width), 255, rgb.dtype)
+    alpha[20:50, 30:90] = 0
+    alpha[70, 5] = alpha[0, 127] = 0
+    alpha[60:90, 100:120] = 128  # semi-transparent: still data
+    transparent = alpha == 0
+    interp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    rgba = _write_bands(tmp_path / "rgba.tif", np.concatenate([rgb, alpha[None]]), interp)
+    masked_rgb = _write_bands(tmp_path / "rgb.tif", rgb)
+    with rasterio.open(masked_rgb, "r+") as dst:
+        dst.write_mask(np.where(transparent, 0, 255).astype(np.uint8))
+    opaque = _write_bands(
+        tmp_path / "opaque.tif", np.concatenate([rgb, np.full_like(alpha, 255)[None]]), interp
+    )
+    plain_rgb = _write_bands(tmp_path / "plain.tif", rgb)
+
+    out = tmp_path / "out"
+    for source in (rgba, masked_rgb, opaque, plain_rgb):
+        result = _predict(
+            str(source), "-m", str(rgb_checkpoint), "-o", str(out), "--units", units, "--no-preview"
+        )
+        assert result.exit_code == 0, result.output
+    assert (
+        f"{transparent.sum()} nodata px"
+        in _predict(
+            str(rgba),
+            "-m",
+            str(rgb_checkpoint),
+            "-o",
+            str(tmp_path / "again"),
+            "--units",
+            units,
+            "--no-preview",
+        ).output
+    )
+    with rasterio.open(out / "rgba.tif") as a, rasterio.open(out / "rgb.tif") as b:
+        got, alone = a.read(1), b.read(1)
+    assert np.array_equal(got == 255, transparent)
+    assert np.array_equal(got, alone)
+    assert len(np.unique(got[~transparent])) > 1  # a meaningful comparison
+    with rasterio.open(out / "opaque.tif") as a, rasterio.open(out / "plain.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
+        assert not (a.read(1) == 255).any()
+
+
+def test_one_band_more_that_is_not_alpha_is_still_rejected(tmp_path: Path, rgb_checkpoint: Path) -> None:
+    source = _write_bands(tmp_path / "four.tif", np.zeros((4, 64, 64), np.float32))
+    result = _predict(str(source), "-m", str(rgb_checkpoint), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert f"{source}: 4 band(s), but the model expects a GeoTIFF with 3 bands (r, g, b" in result.output
+    assert "only when it is an alpha band, and none is" in result.output
+    assert _listing(tmp_path / "out") == []
+
+
+NDSM_STATS = BandStats(mean=(8.0,), std=(6.0,))
+
+
+@pytest.fixture(scope="module")
+def ndsm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(2)
+    args = model_args("fcn_skip", "resnet18", 1, len(CLASSES))
+    path = tmp_path_factory.mktemp("ndsm_model") / "model.ckpt"
+    save_checkpoint(path, build_model(args).eval(), args, bands=["ndsm"], stats=NDSM_STATS, patch_size=PATCH,
+                    config={}, metrics={})  # fmt: skip
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the JPEG, as distributed
+def test_potsdam_ndsm_grey_values_are_decimetres_in_predict_as_in_the_tiles_stage(
+    tmp_path: Path, ndsm_checkpoint: Path
+) -> None:
+    """Potsdam's `*_normalized_lastools.jpg` itself, predicted with --units isprs, gives exactly what
+    the tiles stage's ndsm band (grey 120 -> 12.0 m) gives with --units tiles, not what 120 m gives."""
+    height, width = 96, 128
+    grey = np.tile(np.linspace(0, 255, width).astype(np.uint8), (height, 1))
+    grey[16:80, 40:100] = 120  # a 12 m building, large enough to come through the JPEG exactly
+    jpeg = tmp_path / "dsm_potsdam_02_10_normalized_lastools.jpg"
+    with rasterio.open(jpeg, "w", driver="JPEG", height=height, width=width, count=1, dtype="uint8") as dst:
+        dst.write(grey[None])
+
+    # The tiles stage's ndsm band of this JPEG, by its own reading code.
+    plan = TilePlan(spectral={}, reference_role=NDSM, needs_dsm=False, ndsm_from_archive=True)
+    with rasterio.open(jpeg) as src:
+        decoded = src.read(1)
+        tiles_band = _ImageBlocks(plan, POTSDAM, ("ndsm",), {NDSM: src}).read(Window(0, 0, width, height))[0]
+    assert (decoded == 120).sum() > 1000
+    assert np.all(tiles_band[decoded == 120] == np.float32(12.0))
+    assert np.array_equal(tiles_band, ndsm_metres_from_grey(decoded))
+    metres = _write_bands(tmp_path / "metres.tif", tiles_band[None])
+    as_metres = _write_bands(tmp_path / "grey_as_metres.tif", decoded[None].astype(np.float32))
+
+    out = tmp_path / "out"
+    for source, units in ((jpeg, "isprs"), (metres, "tiles"), (as_metres, "tiles")):
+        result = _predict(str(source), "-m", str(ndsm_checkpoint), "-o", str(out), "--units", units,
+                          "--probabilities", "--no-preview")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    with (
+        rasterio.open(out / f"{jpeg.stem}_probabilities.tif") as isprs,
+        rasterio.open(out / "metres_probabilities.tif") as tiles,
+        rasterio.open(out / "grey_as_metres_probabilities.tif") as misread,
+    ):
+        assert np.array_equal(isprs.read(), tiles.read())
+        assert not np.array_equal(isprs.read(), misread.read())

@@ -85,9 +85,10 @@ def predict(
     units: Annotated[
         Literal["tiles", "isprs"],
         typer.Option(
-            help="tiles: bands as the tiles stage writes them (data/tiles/*_image.tif); isprs: the "
-            "ISPRS products' units, stacked in the model's band order (spectral 0-255, dsm in metres "
-            "above sea level, ndsm in metres above ground)"
+            help="tiles: bands as the tiles stage writes them (data/tiles/*_image.tif: spectral "
+            "reflectances in [0, 1], float); isprs: the ISPRS products' units, stacked in the model's "
+            "band order (spectral 0-255, dsm in metres above sea level, ndsm as the grey values of "
+            "Potsdam's nDSM JPEGs, decimetres). Spectral values in other units stop the command"
         ),
     ] = "tiles",
 ) -> None:

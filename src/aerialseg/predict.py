@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import rasterio
 import torch
 from PIL import Image
-from rasterio.enums import MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.windows import Window as RasterWindow
@@ -48,6 +47,7 @@ from torch import nn
 from aerialseg.classes import CLASSES, IGNORE_INDEX, index_to_colours
 from aerialseg.config import SPECTRAL_BANDS
 from aerialseg.datasets.heights import ground_level
+from aerialseg.datasets.isprs_convert import ndsm_metres_from_grey
 from aerialseg.files import atomic_path
 from aerialseg.inference import _forward as _forward_flips
 from aerialseg.model import check_input_size
@@ -67,6 +67,14 @@ GDAL_CACHE_MB = 64
 """GDAL's block cache, capped: its default (5% of RAM) would otherwise keep the blocks of a large
 input that were already read, and hide whether prediction itself runs in bounded memory."""
 RASTER_SUFFIXES = (".tif", ".tiff")
+UNITS_SAMPLE_PIXELS = 1_000_000
+"""Pixels per band read (decimated, nearest) to check an input's spectral units: a 6000 x 6000
+tile is read at every 6th pixel, never whole."""
+REFLECTANCE_MARGIN = 0.5
+"""How far outside [0, 1] a spectral band in tiles units may go (surface reflectances slightly
+above 1, noise below 0); 8-bit or 16-bit values are far beyond it."""
+ISPRS_SPECTRAL_MAX = 255
+"""The ISPRS orthophotos' spectral bands are 8-bit: 0-255."""
 
 
 class PredictError(ValueError):
@@ -366,20 +374,118 @@ def open_input(path: Path, meta: dict[str, Any]) -> DatasetReader:
         raise PredictError(
             f"{path}: not a readable raster ({_first_line(err)}); expected {expected}"
         ) from err
-    if src.count != len(meta["bands"]):
+    if input_bands(src, len(meta["bands"])) is None:
+        extra = ""
+        if src.count == len(meta["bands"]) + 1:
+            interp = ", ".join(f"{i} {c.name}" for i, c in enumerate(src.colorinterp, start=1))
+            extra = f" (one band more is read only when it is an alpha band, and none is: {interp})"
         src.close()
-        raise PredictError(f"{path}: {src.count} band(s), but the model expects {expected}")
+        raise PredictError(f"{path}: {src.count} band(s), but the model expects {expected}{extra}")
     if src.width < 1 or src.height < 1:
         src.close()
         raise PredictError(f"{path}: empty raster ({src.width} x {src.height}); expected {expected}")
     return src
 
 
+@dataclass(frozen=True)
+class InputBands:
+    """Which bands of an input raster the model reads, and its alpha band, if any."""
+
+    indexes: list[int]
+    """1-based, in the model's band order."""
+    alpha: int | None
+    """1-based; its 0 pixels are nodata. Never fed to the network."""
+
+
+def input_bands(src: DatasetReader, count: int) -> InputBands | None:
+    """The model's `count` bands of `src`: all of its bands, or all but its one alpha band
+    (colour interpretation alpha, as GDAL reports an RGBA GeoTIFF's 4th band); None otherwise."""
+    if src.count == count:
+        return InputBands(list(range(1, count + 1)), None)
+    alphas = [i for i, c in enumerate(src.colorinterp, start=1) if c == ColorInterp.alpha]
+    if src.count == count + 1 and len(alphas) == 1:
+        return InputBands([i for i in range(1, src.count + 1) if i != alphas[0]], alphas[0])
+    return None
+
+
+def check_units(src: DatasetReader, meta: dict[str, Any], units: Units) -> None:
+    """Stop on spectral bands that are not in `units`, before anything is predicted.
+
+    The model was trained on the tiles stage's bands, whose spectral bands are reflectances in
+    [0, 1] (float32). `tiles`: each spectral band must be floating point and within [0, 1] (give
+    or take REFLECTANCE_MARGIN); `isprs`: within 0-255, and not all within [0, 1] when floating
+    point (reflectances already). Each band is checked on a decimated read of its valid pixels
+    (UNITS_SAMPLE_PIXELS); height bands are metres and not checked.
+    """
+    bands = input_bands(src, len(meta["bands"]))
+    assert bands is not None  # open_input checked it
+    for name, index in zip(meta["bands"], bands.indexes, strict=True):
+        if name not in SPECTRAL_BANDS:
+            continue
+        values = _sample(src, index, bands.alpha, expected_input(meta))
+        if values.size == 0:
+            continue  # all nodata: nothing of it is predicted
+        dtype = np.dtype(src.dtypes[index - 1])
+        lo, hi = float(values.min()), float(values.max())
+        fits_8_bit = lo >= 0 and hi <= ISPRS_SPECTRAL_MAX
+        floating = np.issubdtype(dtype, np.floating)
+        reflectances = floating and lo >= -REFLECTANCE_MARGIN and hi <= 1 + REFLECTANCE_MARGIN
+        what = (
+            f"{src.name} band {index} ({name}): {dtype.name} values in [{_value(lo)}, {_value(hi)}] (sampled)"
+        )
+        if units == "tiles":
+            if reflectances:
+                continue
+            hint = (
+                "pass --units isprs to convert the ISPRS products' 8-bit values"
+                if fits_8_bit
+                else "scale the band to [0, 1] first (--units isprs takes 8-bit values 0-255)"
+            )
+            raise PredictError(
+                f"{what}, but the model expects reflectances in [0, 1] as the tiles stage writes them "
+                f"(float32); {hint}"
+            )
+        if reflectances:
+            raise PredictError(
+                f"{what}, but --units isprs expects the ISPRS products' 8-bit values 0-{ISPRS_SPECTRAL_MAX}; "
+                "these look like reflectances in [0, 1] already: leave out --units isprs"
+            )
+        if not fits_8_bit:
+            raise PredictError(
+                f"{what}, but --units isprs expects the ISPRS products' 8-bit values 0-{ISPRS_SPECTRAL_MAX}; "
+                "convert 16-bit or 12-bit imagery to 0-255 first (or to reflectances in [0, 1], with "
+                "--units tiles)"
+            )
+
+
+def _sample(src: DatasetReader, band: int, alpha: int | None, expected: str) -> np.ndarray:
+    """The finite, valid (not masked, not transparent) values of `band` on a decimated read."""
+    step = max(1, math.ceil(math.sqrt(src.height * src.width / UNITS_SAMPLE_PIXELS)))
+    shape = (max(1, src.height // step), max(1, src.width // step))
+    try:
+        sample = src.read(band, out_shape=shape, resampling=Resampling.nearest, masked=True)
+        keep = ~np.ma.getmaskarray(sample)
+        if alpha is not None:
+            keep &= src.read(alpha, out_shape=shape, resampling=Resampling.nearest) > 0
+    except RasterioError as err:
+        raise PredictError(
+            f"{src.name}: read failed (band {band}, decimated), truncated or corrupt file? "
+            f"({_first_line(err)}); expected {expected}"
+        ) from err
+    values = np.asarray(sample.data)[keep]
+    return values[np.isfinite(values)]
+
+
+def _value(x: float) -> str:
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.4g}"
+
+
 class RasterRows:
     """An open raster as a RowReader: full-width windowed reads, normalised, nodata masked.
 
     A pixel is nodata where any band is masked (the bands' nodata value, an internal mask, an
-    alpha band) or not finite; the network sees the band mean there (0 after normalisation), so
+    alpha band), where the alpha band (a band beyond the model's, see `input_bands`) is 0, or where
+    a band is not finite; the network sees the band mean there (0 after normalisation), so
     nodata values do not leak into the neighbouring pixels' predictions.
     """
 
@@ -388,10 +494,17 @@ class RasterRows:
         self.expected = expected_input(meta)
         self.mean = np.asarray(meta["band_mean"], dtype=np.float32)[:, None, None]
         self.std = np.asarray(meta["band_std"], dtype=np.float32)[:, None, None]
-        # tiles units = scale * input + offset, per band (identity for tiles-stage inputs).
-        self.scale, self.offset = _to_tile_units(src, list(meta["bands"]), units)
-        self.masked = any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
-        self.floating = any(np.issubdtype(np.dtype(d), np.floating) for d in src.dtypes)
+        bands = input_bands(src, len(meta["bands"]))
+        if bands is None:
+            raise PredictError(f"{src.name}: {src.count} band(s), but the model expects {self.expected}")
+        self.indexes, self.alpha = bands.indexes, bands.alpha
+        # tiles units = scale * input + offset, per band (identity for tiles-stage inputs), then
+        # ndsm_metres_from_grey for the bands in `grey_ndsm`.
+        self.scale, self.offset, self.grey_ndsm = _to_tile_units(
+            src, list(meta["bands"]), self.indexes, units
+        )
+        self.masked = any(src.mask_flag_enums[i - 1] != [MaskFlags.all_valid] for i in self.indexes)
+        self.floating = any(np.issubdtype(np.dtype(src.dtypes[i - 1]), np.floating) for i in self.indexes)
 
     @property
     def height(self) -> int:
@@ -404,8 +517,11 @@ class RasterRows:
     def read(self, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray | None]:
         window = RasterWindow(0, top, self.width, bottom - top)
         try:
-            data = self.src.read(window=window, out_dtype=np.float32)
-            valid = self.src.read_masks(window=window).all(axis=0) if self.masked else None
+            data = self.src.read(self.indexes, window=window, out_dtype=np.float32)
+            valid = self.src.read_masks(self.indexes, window=window).all(axis=0) if self.masked else None
+            if self.alpha is not None:
+                opaque = self.src.read(self.alpha, window=window) > 0
+                valid = opaque if valid is None else valid & opaque
         except RasterioError as err:
             raise PredictError(
                 f"{self.src.name}: read failed in rows {top}-{bottom} of {self.height}, truncated or "
@@ -415,33 +531,44 @@ class RasterRows:
             finite = np.isfinite(data).all(axis=0)
             if not finite.all():
                 valid = finite if valid is None else valid & finite
-        data = (data * self.scale + self.offset - self.mean) / self.std
+        data = data * self.scale + self.offset
+        for i in self.grey_ndsm:
+            data[i] = ndsm_metres_from_grey(data[i])
+        data = (data - self.mean) / self.std
         if valid is not None:
             data[:, ~valid] = 0.0
         return data, valid
 
 
-def _to_tile_units(src: DatasetReader, bands: list[str], units: Units) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band scale and offset that bring `units` to those of the `tiles` stage's images.
+def _to_tile_units(
+    src: DatasetReader, bands: list[str], indexes: list[int], units: Units
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Per-band scale and offset, and the bands to pass through `ndsm_metres_from_grey`, that
+    bring `units` to those of the `tiles` stage's images (`indexes`: the bands' 1-based indexes
+    in `src`).
 
     `isprs`: the products as distributed, stacked in the model's band order: spectral bands in
     0-255 (divided by 255), `dsm` in metres above sea level (made height above the raster's
     DSM_GROUND_PERCENTILE, from a decimated read as the tiles stage does for large tiles), `ndsm`
-    already in metres above ground.
+    as the grey values of Potsdam's nDSM JPEGs (decimetres), converted by the tiles stage's own
+    function.
     """
     scale = np.ones((len(bands), 1, 1), dtype=np.float32)
     offset = np.zeros((len(bands), 1, 1), dtype=np.float32)
+    grey_ndsm: list[int] = []
     if units == "tiles":
-        return scale, offset
-    for i, band in enumerate(bands):
+        return scale, offset, grey_ndsm
+    for i, (band, index) in enumerate(zip(bands, indexes, strict=True)):
         if band in SPECTRAL_BANDS:
             scale[i] = 1.0 / 255.0
         elif band == "dsm":
             try:
-                offset[i] = -ground_level(src, band=i + 1)
+                offset[i] = -ground_level(src, band=index)
             except ValueError as err:
                 raise PredictError(f"{err}; expected heights in metres") from err
-    return scale, offset
+        elif band == "ndsm":
+            grey_ndsm.append(i)
+    return scale, offset, grey_ndsm
 
 
 def _first_line(err: BaseException) -> str:
@@ -602,8 +729,9 @@ def predict_paths(
 ) -> list[PredictResult]:
     """Predict every input (files, or folders of GeoTIFFs) into `output_dir`.
 
-    Every input is checked (exists, is a raster, has the model's band count) before the first is
-    predicted, so a bad file in a folder fails the command before it spends any time.
+    Every input is checked (exists, is a raster, has the model's band count, or one more that is
+    alpha, its spectral bands are in `options.units`) before the first is predicted, so a bad file
+    in a folder fails the command before it spends any time.
     """
     window = int(options.window or meta["patch_size"])
     try:
@@ -616,7 +744,8 @@ def predict_paths(
     resolve_device(options.device)
     files = collect_inputs(inputs)
     for path in files:
-        open_input(path, meta).close()
+        with open_input(path, meta) as src:
+            check_units(src, meta, options.units)
         for out in output_paths(path, output_dir, options).all():
             if out.resolve() == path.resolve():
                 raise PredictError(
@@ -624,7 +753,7 @@ def predict_paths(
                 )
     results = []
     for path in files:
-        result = predict_file(model, meta, path, output_dir, options, model_name=model_name)
+        result = predict_file(model, meta, path, output_dir, options, model_name=model_name, checked=True)
         if on_done is not None:
             on_done(result)
         results.append(result)
@@ -639,8 +768,12 @@ def predict_file(
     options: PredictOptions,
     *,
     model_name: str = "",
+    checked: bool = False,
 ) -> PredictResult:
-    """Predict one GeoTIFF into `output_dir` (see the module doc for the outputs)."""
+    """Predict one GeoTIFF into `output_dir` (see the module doc for the outputs).
+
+    `checked`: its spectral units were checked already (`check_units`, as `predict_paths` does
+    for every input first), so the decimated reads are not repeated."""
     started = time.perf_counter()
     window = int(options.window or meta["patch_size"])
     device = resolve_device(options.device)
@@ -650,8 +783,8 @@ def predict_file(
     counts = np.zeros(256, dtype=np.int64)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), contextlib.ExitStack() as stack:
         src = stack.enter_context(open_input(path, meta))
-        if options.units == "tiles":
-            _warn_if_unscaled(src, meta)
+        if not checked:
+            check_units(src, meta, options.units)
         reader = RasterRows(src, meta, options.units)
         height, width = reader.height, reader.width
         n_windows = len(window_grid(max(height, window), max(width, window), window, options.overlap))
@@ -725,14 +858,3 @@ def predict_file(
         seconds=time.perf_counter() - started,
         class_pixels={name: int(counts[i]) for i, name in enumerate(names)},
     )
-
-
-def _warn_if_unscaled(src: DatasetReader, meta: dict[str, Any]) -> None:
-    """Integer imagery fed to a model trained on the tiles stage's [0, 1] bands gives garbage."""
-    if all(np.issubdtype(np.dtype(d), np.integer) for d in src.dtypes) and max(meta["band_mean"]) <= 1.0:
-        warnings.warn(
-            f"{src.name}: integer pixel values, but the model was trained on the tiles stage's bands "
-            f"(spectral bands scaled to [0, 1], heights in metres; band means {meta['band_mean']}): "
-            "pass --units isprs for the ISPRS products' own units (0-255, DSM in metres above sea level)",
-            stacklevel=2,
-        )

@@ -58,6 +58,19 @@ shorter than that, larger than the orthophoto, or short on the top or left edge 
 every pixel would be off) is more likely another crop or the wrong file and stays an error.
 """
 
+
+def ndsm_metres_from_grey(grey: np.ndarray) -> np.ndarray:
+    """Potsdam's nDSM JPEG grey values (`*_normalized_lastools.jpg`) -> float32 metres above ground.
+
+    A grey value is a decimetre (NDSM_JPEG_METRES_PER_VALUE = 0.1 m: 120 -> 12.0 m, 255 -> 25.5 m).
+    The JPEGs carry no scale; the decimetres are an inference: LAStools' lasheight writes 8-bit
+    heights as decimetres clamped to 0..255, and the benchmark's own nDSMs for Vaihingen (M. Gerke)
+    are documented as "heights encoded in dm". The one conversion of these values: the `tiles`
+    stage and `aerialseg predict --units isprs` both call it.
+    """
+    return np.asarray(grey, dtype=np.float32) * np.float32(NDSM_JPEG_METRES_PER_VALUE)
+
+
 NDSM_FROM_ARCHIVE = "archive"
 NDSM_DERIVED = "derived"
 NO_NDSM = "none"
@@ -344,8 +357,7 @@ class _ImageBlocks:
     def _ndsm(self, window: Window, dsm: np.ndarray | None) -> np.ndarray:
         if self.plan.ndsm_from_archive:
             ndsm = self.opened[NDSM]
-            grey = _read_edge_padded(ndsm, window, lambda w: ndsm.read(1, window=w))
-            return grey.astype(np.float32) * NDSM_JPEG_METRES_PER_VALUE
+            return ndsm_metres_from_grey(_read_edge_padded(ndsm, window, lambda w: ndsm.read(1, window=w)))
         assert dsm is not None and self.ground is not None  # plan_tile asks for the DSM
         return normalised_heights(dsm, self.ground.block(window.row_off, window.height, window.width))
 
