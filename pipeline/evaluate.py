@@ -2,6 +2,7 @@
 
 from aerialseg.config import load_params
 from aerialseg.evaluation import evaluate
+from aerialseg.stage import run_stage
 
 
 def main() -> None:
@@ -11,4 +12,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -4,6 +4,7 @@ validation tiles whole (with their eroded reference) in data/patches/val.h5."""
 from aerialseg.config import load_params
 from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.patches import band_statistics, write_patches, write_validation_tiles
+from aerialseg.stage import run_stage
 
 
 def main() -> None:
@@ -25,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -2,6 +2,7 @@
 
 from aerialseg.config import load_params
 from aerialseg.datasets.synthetic import write_vaihingen_layout
+from aerialseg.stage import run_stage
 
 
 def main() -> None:
@@ -12,4 +13,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

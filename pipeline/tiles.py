@@ -4,6 +4,7 @@ import logging
 
 from aerialseg.config import load_params
 from aerialseg.datasets.isprs import build_tiles
+from aerialseg.stage import run_stage
 
 
 def main() -> None:
@@ -21,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

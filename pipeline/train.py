@@ -1,6 +1,7 @@
 """DVC stage `train`: FPN on the HDF5 patches with Lightning; the run goes to MLflow."""
 
 from aerialseg.config import load_params
+from aerialseg.stage import run_stage
 from aerialseg.training import train
 
 
@@ -10,4 +11,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -327,9 +328,24 @@ def test_unquoted_tile_id_stops_the_tiles_stage_with_one_line(tmp_path: Path) ->
         f"params.yaml:{line_of(path, 'val_tiles:')}: data.val_tiles: YAML reads the unquoted tile id 2_10 "
         "as 210; quote tile ids that are not plain numbers: val_tiles: ['2_10']"
     )
-    assert result.stderr.rstrip().splitlines()[-1] == f"aerialseg.config.ConfigError: {expected}"
-    assert result.stderr.count("YAML reads") == 1
+    # One line naming the stage and the key, and how to see the traceback; no traceback.
+    assert result.stderr.rstrip().splitlines() == [
+        f"tiles: {expected}",
+        "(AERIALSEG_TRACEBACK=1 shows the traceback)",
+    ]
     assert not (tmp_path / "data").exists()
+    # The traceback, on request.
+    env = {**os.environ, "AERIALSEG_TRACEBACK": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "tiles.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == f"aerialseg.config.ConfigError: {expected}"
 
 
 # --------------------------------------------------------------------------------------

@@ -113,9 +113,11 @@ def read_table(tiles_dir: Path) -> pd.DataFrame:
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The stage's error: the last line of its output, which must hold the whole message."""
+    """The stage's error: one line `tiles: <message>` (aerialseg.stage), which must hold the whole message."""
     assert result.returncode != 0, result.stdout + result.stderr
-    return result.stderr.strip().splitlines()[-1]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "(AERIALSEG_TRACEBACK=1 shows the traceback)" and "Traceback" not in result.stderr
+    return lines[-2].removeprefix("tiles: ")
 
 
 @pytest.mark.parametrize("form", ["zip", "folders"])
