@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,8 +15,19 @@ from aerialseg.leaderboard import leaderboard_command
 app = typer.Typer(help="Semantic segmentation of ISPRS aerial imagery: helpers around the DVC pipeline.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"aerialseg {metadata.version('aerialseg')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
     """Run from the project root (where params.yaml and dvc.yaml are); `predict` and `export` run anywhere."""
 
 
@@ -41,6 +53,13 @@ def prefetch_weights(
     internet, so that compute nodes sharing that cache train with train.pretrained: imagenet offline."""
     import segmentation_models_pytorch as smp
 
+    from aerialseg.model import WeightsUnavailableError, ensure_imagenet_reachable
+
+    try:  # at once, in one line, when the Hugging Face endpoint (HF_ENDPOINT, proxies) cannot be reached
+        ensure_imagenet_reachable(encoder)
+    except WeightsUnavailableError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     smp.encoders.get_encoder(encoder, weights="imagenet")
     typer.echo(f"ImageNet weights for {encoder} are in the Hugging Face cache (HF_HOME)")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,10 @@ from torch import nn
 
 OUTPUT_STRIDE = 32
 """The encoders downsample by 32, so input sides must be multiples of it."""
-HUB_HOST = ("huggingface.co", 443)
+WEIGHTS_FILE = "model.safetensors"
+"""The file smp downloads for an encoder's pretrained weights (next to a small config.json)."""
+HUB_CHECK_TIMEOUT = 5.0
+"""Seconds the weights check waits for the Hugging Face endpoint before saying it cannot be reached."""
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -30,7 +32,7 @@ def build_model(args: dict[str, Any], weights: str = "none") -> nn.Module:
     if weights == "none":
         return _create(args, encoder_weights=None)
     if weights == "imagenet":
-        _ensure_imagenet_reachable(args["encoder_name"])
+        ensure_imagenet_reachable(args["encoder_name"])
         return _create(args, encoder_weights="imagenet")
     return _build_from_local_weights(args, Path(weights))
 
@@ -132,29 +134,56 @@ def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> int:
     raise WeightsUnavailableError("the weights file has no convolution filters")
 
 
-def _ensure_imagenet_reachable(encoder: str) -> None:
-    """Fail at once, not after a long network timeout, when ImageNet weights cannot be fetched."""
+def ensure_imagenet_reachable(encoder: str) -> None:
+    """Fail at once, not after a long network timeout, when ImageNet weights cannot be fetched.
+
+    Everything goes through huggingface_hub, the library smp (and timm) download with, so the check
+    sees what the download will: the cache (HF_HOME / HF_HUB_CACHE), the endpoint (HF_ENDPOINT, for
+    mirrors), proxies (HTTPS_PROXY, ...) and offline mode (HF_HUB_OFFLINE). Online, it asks the endpoint
+    for the weights file's metadata: one HEAD request, no retries, HUB_CHECK_TIMEOUT seconds at most
+    (after huggingface_hub's own first call to an endpoint, its user-agent registry: 3 s at most).
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, get_session, hf_hub_url
+
     settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
     if settings is not None and _in_hub_cache(settings["repo_id"], settings["revision"]):
         return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if not offline:
+    # The hub reads HF_HUB_OFFLINE once, at import; a variable set later still counts here.
+    offline = constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE")
+    if offline:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
         try:
-            socket.create_connection(HUB_HOST, timeout=3).close()
+            if settings is not None:
+                url = hf_hub_url(settings["repo_id"], WEIGHTS_FILE, revision=settings["revision"])
+                get_hf_file_metadata(url, timeout=HUB_CHECK_TIMEOUT)
+            else:  # not an smp-hosted encoder (e.g. timm's `tu-*`): any answer of the endpoint will do
+                url = constants.ENDPOINT
+                get_session().head(url, timeout=HUB_CHECK_TIMEOUT)
             return
-        except OSError:
-            pass
+        except Exception as err:  # any failure (network, proxy, timeout, HTTP status): cannot be had
+            reason = f"{url}: {type(err).__name__}: {_first_line(err)}"
     raise WeightsUnavailableError(
-        f"train.pretrained: imagenet weights for encoder {encoder!r} are not in the local cache "
-        f"and {HUB_HOST[0]} cannot be reached (no network{', HF_HUB_OFFLINE is set' if offline else ''}). "
-        f"On a machine with internet (a login node) run `aerialseg prefetch-weights {encoder}`: "
-        "they land in the Hugging Face cache (HF_HOME), which compute nodes can share. Or set "
-        "train.pretrained to the path of a local encoder weights file (a torch state dict)."
+        f"train.pretrained: imagenet weights for encoder {encoder!r} are not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and cannot be downloaded from {constants.ENDPOINT} ({reason}). "
+        f"On a machine that can reach it (a login node) run `aerialseg prefetch-weights {encoder}` with the "
+        "same HF_HOME, which compute nodes can share (with HF_HUB_OFFLINE=1); or set train.pretrained to "
+        "the path of a local encoder weights file (a torch state dict)."
     )
+
+
+def _env_true(name: str) -> bool:
+    """huggingface_hub's reading of a boolean variable."""
+    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def _in_hub_cache(repo_id: str, revision: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "model.safetensors", revision=revision)
+    found = try_to_load_from_cache(repo_id, WEIGHTS_FILE, revision=revision)
     return isinstance(found, str)
