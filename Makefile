@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev repro test test-fast test-slurm lint format lock bench clean
+.PHONY: help install install-dev repro test test-fast test-slurm lint format lock bench clean ci-reference
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ lock: ## re-resolve requirements.lock (runtime) and requirements-dev.lock (dev t
 	  echo "-r requirements.lock"; \
 	  $(LOCK_FREEZE) | grep -vxF -f requirements.lock ) > requirements-dev.lock
 	rm -rf .lock-venv
+
+ci-reference: install ## rerun the `ci` preset and commit its figures as CI's reference (tests/expected/ci_metrics.json)
+	UPDATE_CI_REFERENCE=1 pytest -q tests/test_ci_reference.py
 
 bench: install ## measure training, loading and inference speed -> reports/bench.json and bench.md
 	rm -f reports/bench.json

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
+
+from aerialseg.config import NOT_RESULTS, Params
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -69,3 +73,35 @@ def test_stage_params_exist_in_params_yaml(name: str) -> None:
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"{name}: params.yaml has no {key}"
             node = node[part]
+
+
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _leaf_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _covered(key: str, names: Iterable[str]) -> bool:
+    return any(key == n or key.startswith(f"{n}.") for n in names)
+
+
+def test_every_param_that_can_change_a_result_is_a_stage_param() -> None:
+    """A key that no stage names never reruns anything: it must be one of config.NOT_RESULTS."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    named = {p for stage in stages.values() for p in stage.get("params", [])}
+    keys = _leaf_keys(Params)
+    unnamed = [k for k in keys if not _covered(k, named) and not _covered(k, NOT_RESULTS)]
+    assert not unnamed, f"params no stage names (add them to dvc.yaml or to config.NOT_RESULTS): {unnamed}"
+    both = [k for k in keys if _covered(k, named) and _covered(k, NOT_RESULTS)]
+    assert not both, f"params in config.NOT_RESULTS that a stage names: {both}"
+    assert all(any(_covered(k, [n]) for k in keys) for n in NOT_RESULTS)
+
+
+def test_the_params_stage_validates_the_whole_file() -> None:
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["params"]
+    assert "params.yaml" in stage["deps"] and not stage.get("outs")

@@ -20,7 +20,7 @@ def _run(project: Path, *args: str) -> str:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("project"))
     first = _run(project, "dvc", "repro")
-    assert stages_run(first) == {"scenes", "tiles", "patches", "train", "evaluate"}
+    assert stages_run(first) == {"params", "scenes", "tiles", "patches", "train", "evaluate"}
     return project
 
 
@@ -150,6 +150,60 @@ def test_dvc_and_mlflow_link_both_ways(project: Path) -> None:
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:
+    assert stages_run(_run(project, "dvc", "repro")) == set()
+
+
+def test_small_results_are_committed_to_git_and_diff_between_commits(project: Path, tmp_path: Path) -> None:
+    small = [
+        "reports/metrics.json",
+        "reports/scores.json",
+        "reports/per_class.csv",
+        "reports/confusion_matrix.png",
+        "reports/overlays/area4.png",
+        "models/history.csv",
+    ]
+    large = ["reports/predictions/area4.tif", "models/model.ckpt", "data/patches/train.h5"]
+    ignored = run(project, "git", "check-ignore", *small, *large, check=False).stdout.split()
+    assert ignored == large
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@e.org", "commit", "-qm", "results")
+    # Another result: `dvc metrics diff` and `dvc plots diff` compare it with the commit.
+    set_params(project, {"train": {"seed": 1}})
+    assert stages_run(_run(project, "dvc", "repro")) == {"params", "train", "evaluate"}
+    diff = json.loads(run(project, "dvc", "metrics", "diff", "HEAD", "--json").stdout)
+    changed = diff["reports/metrics.json"]
+    assert changed["overall_accuracy"]["old"] != changed["overall_accuracy"]["new"]
+    plots = json.loads(
+        run(project, "dvc", "plots", "diff", "HEAD", "--json", "-o", str(tmp_path)).stdout
+    )
+    assert "errors" not in plots, plots.get("errors")
+    bars = plots["data"]["test_f1_per_class"][0]["content"]["data"]["values"]
+    assert {row["rev"] for row in bars} == {"HEAD", "workspace"}
+    # Back to the commit: git restores params.yaml and the small results, DVC the cached ones.
+    run(project, "git", "checkout", "-q", "--", ".")
+    run(project, "dvc", "checkout", "-q")
+    assert stages_run(_run(project, "dvc", "repro")) == set()
+    assert run(project, "git", "status", "--porcelain").stdout == ""
+
+
+def test_settings_that_cannot_change_a_result_retrain_nothing(project: Path) -> None:
+    set_params(project, {"train": {"num_workers": 1, "resume": True}, "tracking": {"experiment": "other"}})
+    # Only the `params` check runs (it validates the file and writes nothing).
+    assert stages_run(_run(project, "dvc", "repro")) == {"params"}
+    assert "up to date" in _run(project, "dvc", "status")
+    run(project, "git", "checkout", "-q", "params.yaml")
+    assert stages_run(_run(project, "dvc", "repro")) == {"params"}
+
+
+def test_a_misspelt_section_stops_dvc_repro_with_its_name(project: Path) -> None:
+    params = project / "params.yaml"
+    params.write_text(params.read_text() + "trian:\n  epochs: 5\n")
+    result = run(project, "dvc", "repro", check=False)
+    assert result.returncode != 0
+    assert "params: params.yaml: invalid parameters" in result.stderr
+    assert "  trian: unknown key (check its spelling)" in result.stderr
+    assert not stages_run(result.stdout) - {"params"}
+    run(project, "git", "checkout", "-q", "params.yaml")
     assert stages_run(_run(project, "dvc", "repro")) == set()
 
 

@@ -60,7 +60,7 @@ def test_benchmark_presets_use_the_official_split(
     assert params.data.split == "official" and params.data.test_tiles == ()
 
 
-@pytest.mark.parametrize("name", ["lecture", "benchmark-vaihingen", "benchmark-potsdam"])
+@pytest.mark.parametrize("name", ["lecture", "benchmark-vaihingen", "benchmark-potsdam", "ci"])
 def test_synthetic_preset_restores_the_default(params_file: Path, name: str) -> None:
     default = load_params(params_file)
     apply_preset(name, params_file, PRESETS)
@@ -87,6 +87,7 @@ def test_a_bad_preset_leaves_params_untouched(params_file: Path, tmp_path: Path)
 
 TILE_IDS_MEANT: dict[str, dict[str, tuple[str, ...] | None]] = {
     "synthetic": {"train_tiles": None, "val_tiles": ("6",), "test_tiles": ("7", "8"), "exclude_tiles": ()},
+    "ci": {"train_tiles": None, "val_tiles": ("3",), "test_tiles": ("4",), "exclude_tiles": ()},
     "lecture": {
         "train_tiles": tuple(str(a) for a in (1, 3, 5, 7, 11, 13, 17, 21, 26, 28, 30, 32, 34)),
         "val_tiles": ("37",),

@@ -29,6 +29,11 @@ Optimizer = Literal["sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamax", "
 Precision = Literal["auto", "32", "bf16-mixed", "16-mixed"]
 
 
+NOT_RESULTS = ("train.num_workers", "train.resume", "tracking")
+"""Params (keys or whole sections) that cannot change a result: no stage names them in dvc.yaml,
+so changing them reruns nothing (tests/test_dvc_yaml.py checks that every other key is named)."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,0 +1,18 @@
+"""DVC stage `params`: validate all of params.yaml, so that a key no stage reads still fails.
+
+DVC reruns a stage when one of the params it names changes; a misspelt section (`trian:`) is
+named by none, so without this stage `dvc repro` would say "up to date" and train with the
+defaults. This stage depends on the whole file and runs only the validation (`load_params`).
+"""
+
+from aerialseg.config import load_params
+from aerialseg.stage import run_stage
+
+
+def main() -> None:
+    load_params()
+    print("params.yaml: valid")
+
+
+if __name__ == "__main__":
+    run_stage(main)
