@@ -1,37 +1,154 @@
-"""How a pipeline stage ends on an error: one line that names the file or key, the traceback on request.
+"""How a pipeline stage runs: one line on an error, cleanup on SIGTERM, no stage outliving its caller.
 
-Every `pipeline/*.py` script runs its `main()` through `run_stage`. The library's errors already
-name the file, key or value and what was expected; a traceback of ten library frames above
-them only hides that line in `dvc repro`'s output. `AERIALSEG_TRACEBACK=1` shows it again.
+Every `pipeline/*.py` script runs its `main()` through `run_stage`:
+
+- **Errors.** The library's errors already name the file, key or value and what was expected; a
+  traceback of ten library frames above them only hides that line in `dvc repro`'s output.
+  `AERIALSEG_TRACEBACK=1` shows it again.
+- **SIGTERM cleans up as Ctrl-C does.** It is raised in the main thread as `Terminated` (a
+  KeyboardInterrupt), so every `finally` runs: `files.atomic_path` removes its temporary file,
+  temporary folders go, Lightning shuts down as on Ctrl-C. The stage then exits with 143.
+- **A stage stops when the process that started it is gone.** SIGTERM to `dvc` alone (what
+  `timeout dvc repro` and many schedulers send) ends DVC and releases its lock; a stage that went
+  on would write `models/` and an MLflow run nobody waits for. A watchdog thread sends the stage
+  SIGTERM within a second of its parent's end (or of the end of DVC above a `sh -c` wrapper),
+  and SIGKILL if it is still running a minute later. Not under `nohup` (SIGHUP ignored): that
+  asks to outlive the caller.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 TRACEBACK_ENV = "AERIALSEG_TRACEBACK"
 """Set to 1 to see the full traceback of a stage's error."""
+
+PARENT_POLL_SECONDS = 1.0
+"""How often the watchdog checks that the stage's parent is still there."""
+
+ORPHAN_GRACE_SECONDS = 60.0
+"""How long a stage whose parent is gone may clean up after its SIGTERM before SIGKILL."""
+
+TERMINATED_STATUS = 128 + signal.SIGTERM
+"""The exit status of a stage stopped by SIGTERM, as a shell reports a process killed by it."""
+
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
+"""Shells that may stand between DVC and the stage (`$SHELL -c <cmd>`, when they do not exec it)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: code that cleans up after Ctrl-C cleans up after it too."""
+
+
+_terminating = False
 
 
 def run_stage(main: Callable[[], None]) -> None:
     """Call `main()`; on an error print `<stage>: <message>` to stderr and exit with status 1.
 
-    KeyboardInterrupt and SystemExit pass through untouched (DVC reports an interrupted stage).
+    KeyboardInterrupt and SystemExit pass through untouched (DVC reports an interrupted stage),
+    except after SIGTERM: then the stage exits with 143 once everything is cleaned up.
     Errors that are not the library's own (a bug) keep their type in the line.
     """
+    stage = Path(sys.argv[0]).stem
+    _handle_sigterm()
+    _watch_parent(stage)
     try:
         main()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as err:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    except BaseException as err:
+        if _terminating:
+            print(f"{stage}: stopped by SIGTERM", file=sys.stderr)
+            raise SystemExit(TERMINATED_STATUS) from None
+        if isinstance(err, KeyboardInterrupt | SystemExit):
             raise
-        stage = Path(sys.argv[0]).stem
+        if not isinstance(err, Exception) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
         kind = "" if isinstance(err, ValueError | OSError | KeyError) else f"{type(err).__name__}: "
         message = str(err).strip() or type(err).__name__
         print(f"{stage}: {kind}{message}", file=sys.stderr)
         print(f"({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global _terminating
+    if _terminating:
+        return  # already unwinding: let the cleanup finish
+    _terminating = True
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _handle_sigterm() -> None:
+    """SIGTERM raises `Terminated`, unless the stage was started with SIGTERM ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _watch_parent(stage: str) -> None:
+    """Start the watchdog that stops the stage when the process that started it ends."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        return  # nohup: the caller asked this process to outlive it
+    parent = os.getppid()
+    # DVC runs `$SHELL -c <cmd>`; bash and zsh exec the command, dash and fish stay between.
+    grandparent = _ppid(parent) if _is_shell_wrapper(parent) else None
+    threading.Thread(
+        target=_watch, args=(stage, parent, grandparent), name="aerialseg-parent-watch", daemon=True
+    ).start()
+
+
+def _watch(stage: str, parent: int, grandparent: int | None) -> None:
+    # A parent always starts before its child: one that started later adopted this process,
+    # whose own parent ended before the watchdog began.
+    gone = _started_after(parent, os.getpid()) or (
+        grandparent is not None and _started_after(grandparent, parent)
+    )
+    while not gone:
+        time.sleep(PARENT_POLL_SECONDS)
+        gone = os.getppid() != parent or (grandparent is not None and _ppid(parent) != grandparent)
+    who = parent if grandparent is None else grandparent
+    print(f"{stage}: the process that started it (pid {who}) is gone; stopping", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on: index 1 is the ppid, 19 the start time; None
+    where there is no such process, or no /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _started_after(pid: int, child: int) -> bool:
+    """Whether process `pid` started after process `child` (so it cannot be its parent)."""
+    mine, theirs = _stat(child), _stat(pid)
+    if mine is None or theirs is None:
+        return False
+    return int(theirs[19]) > int(mine[19])
+
+
+def _is_shell_wrapper(pid: int) -> bool:
+    """Whether `pid` is a non-interactive shell running a command string (`sh -c ...`)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return comm in SHELLS and b"-c" in args

@@ -34,6 +34,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from aerialseg.checkpoint import describe, save_checkpoint
+from aerialseg.checkpoint_io import AtomicCheckpointIO
 from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, Precision, TrainConfig
 from aerialseg.data import SpectralJitter
@@ -405,6 +406,8 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         deterministic=resolve_deterministic(cfg.deterministic, cfg.accelerator),  # type: ignore[arg-type]
         use_distributed_sampler=False,  # PatchData shards the patches itself
         default_root_dir=str(out),
+        # Checkpoints written beside their final name and renamed when complete, not via $TMPDIR.
+        plugins=[AtomicCheckpointIO()],
     )
     started = time.perf_counter()
     trainer.fit(
