@@ -15,7 +15,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from aerialseg.config import SPECTRAL_BANDS
-from aerialseg.patches import read_patch_info, read_tile_file_info
+from aerialseg.patches import (
+    h5_dataset,
+    h5_read_error,
+    open_h5,
+    open_h5_file,
+    read_patch_info,
+    read_tile_file_info,
+)
 
 
 def build_augmentation() -> A.Compose:
@@ -109,8 +116,11 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         if self._pid != os.getpid():
             self._start_in_this_process()
         assert self._h5 is not None
-        image = self._h5["image"][index]
-        mask = self._h5["mask"][index]
+        try:
+            image = h5_dataset(self._h5, "image")[index]
+            mask = h5_dataset(self._h5, "mask")[index]
+        except OSError as err:
+            raise h5_read_error(self.path, err, f"patch {index}") from err
         if self.augment is not None:
             image, mask = self._augment(image, mask)
         image = (image - self.mean) / self.std
@@ -126,7 +136,7 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         of albumentations' random generator, so every worker would draw the same flips. torch
         gives each worker its own seed derived from the run's seed: use it.
         """
-        self._h5 = h5py.File(self.path, "r")
+        self._h5 = open_h5_file(self.path)
         self._pid = os.getpid()
         if self.augment is not None:
             self.augment.set_random_seed(torch.initial_seed() % 2**32)
@@ -168,7 +178,7 @@ class ValidationTiles(Dataset[dict[str, Any]]):
             return {"tile": None}
         tile = self.tiles[index]
         # Opened per item: a handful of whole tiles per epoch, never shared across processes.
-        with h5py.File(self.path, "r") as h5:
-            image = h5[f"tiles/{tile}/image"][:]
-            reference = h5[f"tiles/{tile}/reference"][:]
+        with open_h5(self.path) as h5:
+            image = h5_dataset(h5, f"tiles/{tile}/image")[:]
+            reference = h5_dataset(h5, f"tiles/{tile}/reference")[:]
         return {"tile": tile, "image": (image - self.mean) / self.std, "reference": reference}

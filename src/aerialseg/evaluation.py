@@ -53,7 +53,7 @@ from aerialseg.reports import (
     save_label_png,
     write_per_class_csv,
 )
-from aerialseg.tracking import RunRef, log_lineage, reopen
+from aerialseg.tracking import RunRef, check_tracking_store, log_lineage, reopen
 
 SUMMARY_KEYS = (
     "overall_accuracy",
@@ -90,6 +90,7 @@ FIGURES = (
 
 def evaluate(params: Params) -> dict[str, Any]:
     """Score the trained model on every test tile; write `reports/` and add it all to the MLflow run."""
+    check_tracking_store()  # a remote store that cannot be used fails now, within its timeout
     ref = RunRef.load(params.paths.models / "mlflow_run.json")
     out = params.paths.reports
     # Whole folders are swapped in at the end: no stale or half-written predictions survive.

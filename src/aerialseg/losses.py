@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from torch import nn
 
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
+from aerialseg.patches import h5_dataset, open_h5
 
 LOSSES = ("ce", "dice", "focal", "ce+dice")
 
@@ -73,7 +73,7 @@ def inverse_frequency_weights(counts: np.ndarray) -> list[float]:
 
 def patch_file_class_weights(path: Path, chunk: int = 64) -> list[float]:
     """Inverse-frequency weights from the masks of an HDF5 patch file, read `chunk` patches at a time."""
-    with h5py.File(path, "r") as f:
-        masks = f["mask"]
+    with open_h5(path) as f:
+        masks = h5_dataset(f, "mask")
         chunks = (masks[i : i + chunk] for i in range(0, len(masks), chunk))
         return inverse_frequency_weights(class_counts(chunks))

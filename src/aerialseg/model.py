@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,11 @@ HUB_CHECK_TIMEOUT = 5.0
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but cannot be had."""
+
+
+class WeightsFileError(WeightsUnavailableError, ValueError):
+    """train.pretrained names a file that is not usable encoder weights: bad input, so a ValueError too
+    (a stage reports it as one line without the exception's name)."""
 
 
 def model_args(arch: str, encoder: str, in_channels: int, num_classes: int) -> dict[str, Any]:
@@ -91,15 +98,24 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
     for ImageNet weights.
     """
     if not path.is_file():
-        raise WeightsUnavailableError(
+        raise WeightsFileError(
             f"train.pretrained: {path} is not a file; expected `none`, `imagenet` or the path of "
             "a local encoder weights file (a torch state dict)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_torch_file(path)
+    except TorchFileError as err:
+        raise WeightsFileError(
+            f"train.pretrained: {path} is not a PyTorch weights file ({err.looks_like}); expected a state "
+            "dict saved with torch.save (see `aerialseg prefetch-weights`), `none` or `imagenet`"
+        ) from err
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightsUnavailableError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise WeightsFileError(
+            f"train.pretrained: {path} holds a {type(state).__name__}, not a state dict; expected a state "
+            "dict saved with torch.save (see `aerialseg prefetch-weights`)"
+        )
     # Accept encoder-only files and whole-model files (keys prefixed `encoder.`).
     prefixed = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     encoder_state = prefixed or state
@@ -111,14 +127,14 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
     try:
         result = nn.Module.load_state_dict(encoder, encoder_state, strict=False)
     except RuntimeError as err:
-        raise WeightsUnavailableError(
+        raise WeightsFileError(
             f"{path}: does not fit encoder {args['encoder_name']!r}: {str(err).splitlines()[1:3]}"
         ) from err
     # The classifier head of an ImageNet checkpoint is expected extra; anything else means the
     # file was made for another encoder.
     unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
     if result.missing_keys or unexpected:
-        raise WeightsUnavailableError(
+        raise WeightsFileError(
             f"{path}: does not fit encoder {args['encoder_name']!r}: {len(result.missing_keys)} tensors "
             f"missing (e.g. {result.missing_keys[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
@@ -127,11 +143,59 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
     return model
 
 
+class TorchFileError(ValueError):
+    """A file torch.load cannot read as tensors; `looks_like` says what the file seems to be."""
+
+    def __init__(self, path: Path, looks_like: str) -> None:
+        super().__init__(f"{path}: not a PyTorch file ({looks_like})")
+        self.looks_like = looks_like
+
+
+def load_torch_file(path: Path) -> Any:
+    """torch.load(path) of tensors and plain containers only (weights_only: a weights file is data,
+    never code to run). Any failure raises TorchFileError saying what the file looks like instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+        # torch's own message for a refused pickle advises turning the check off: never pass it on.
+        raise TorchFileError(path, torch_file_looks_like(path, err)) from err
+
+
+def torch_file_looks_like(path: Path, err: BaseException | None = None) -> str:
+    """What a file that torch.load refused seems to be, from its first bytes, in a few words."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError as read_err:
+        return f"cannot be read: {read_err.strerror or read_err}"
+    if size == 0:
+        return "an empty file"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text:
+        return "an HTML page, e.g. a login or error page saved instead of the file"
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return f"a truncated zip archive ({size} bytes): an interrupted download or copy?"
+        if isinstance(err, pickle.UnpicklingError):
+            return "a torch file holding objects other than tensors, e.g. a whole pickled model"
+        return "a zip archive that torch cannot read as its own"
+    if head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05":
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
+            return "a pickle holding objects other than tensors, e.g. a whole pickled model"
+        return f"a pickle that cannot be read ({size} bytes; truncated?)"
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return "a safetensors file"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"a text file starting {head[:40].decode('ascii', 'replace').splitlines()[0]!r}"
+    return f"random bytes: neither a zip archive nor a pickle ({size} bytes)"
+
+
 def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> int:
     for value in state.values():
         if isinstance(value, torch.Tensor) and value.ndim == 4:
             return int(value.shape[1])
-    raise WeightsUnavailableError("the weights file has no convolution filters")
+    raise WeightsFileError("train.pretrained: the weights file has no convolution filters")
 
 
 def ensure_imagenet_reachable(encoder: str) -> None:

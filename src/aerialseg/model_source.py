@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from aerialseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from aerialseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+MLFLOW_EXAMPLES = "runs:/<run id>/model, models:/<name>@<alias>"
 REQUIRED_METADATA = ("bands", "band_mean", "band_std", "patch_size", "classes")
 
 
@@ -60,17 +61,18 @@ def _load_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module,
     if not path.exists():
         raise ModelSourceError(
             f"{path}: no such file; expected an aerialseg checkpoint (e.g. models/model.ckpt) "
-            "or an MLflow model URI (runs:/<run id>/model, models:/<name>@<alias>)"
+            f"or an MLflow model URI ({MLFLOW_EXAMPLES})"
         )
     if not path.is_file():
         raise ModelSourceError(f"{path}: not a file; expected an aerialseg checkpoint")
     try:
         return load_checkpoint(path, device)
-    except ValueError as err:  # not our format
-        raise ModelSourceError(str(err)) from err
-    except (RuntimeError, OSError, EOFError) as err:  # not a torch file, truncated, other weights
+    except CheckpointError as err:  # not a torch file, truncated, not our format, other weights
+        raise ModelSourceError(f"{err}, or an MLflow model URI ({MLFLOW_EXAMPLES})") from err
+    except (RuntimeError, OSError, EOFError) as err:  # the device, a file that vanished
         raise ModelSourceError(
-            f"{path}: not a readable aerialseg checkpoint (expected format {CHECKPOINT_FORMAT!r}): {err}"
+            f"{path}: cannot load the checkpoint ({err}); expected an aerialseg checkpoint "
+            f"(format {CHECKPOINT_FORMAT!r}) or an MLflow model URI ({MLFLOW_EXAMPLES})"
         ) from err
 
 

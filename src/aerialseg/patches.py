@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -187,15 +190,19 @@ def read_tile_file_info(path: Path) -> TileFileInfo:
     """Raises FileNotFoundError or ValueError (naming `path`) when it is missing or not a tile file."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no validation tile file; run the `patches` stage first")
-    with h5py.File(path, "r") as h5:
-        a = h5.attrs
-        if a.get("kind") != "tiles":
-            raise ValueError(f"{path}: not a file of whole validation tiles; rerun the `patches` stage")
+    with open_h5(path) as h5:
+        kind = h5.attrs.get("kind")
+        if kind != "tiles":
+            found = "no attribute `kind`" if kind is None else f"attribute `kind` {kind!r}"
+            raise PatchFileError(
+                f"{path}: not a file of whole validation tiles ({found}, expected `kind` 'tiles'); "
+                f"{RERUN_PATCHES}"
+            )
         return TileFileInfo(
             path=path,
-            tiles=json.loads(a["tiles"]),
-            bands=json.loads(a["bands"]),
-            stats=BandStats(tuple(a["mean"].tolist()), tuple(a["std"].tolist())),
+            tiles=json.loads(h5_attr(h5, "tiles")),
+            bands=json.loads(h5_attr(h5, "bands")),
+            stats=BandStats(tuple(h5_attr(h5, "mean").tolist()), tuple(h5_attr(h5, "std").tolist())),
         )
 
 
@@ -214,17 +221,87 @@ class PatchFileInfo:
 
 
 def read_patch_info(path: Path) -> PatchFileInfo:
+    """Raises FileNotFoundError or PatchFileError (naming `path`) when it is missing or not a patch file."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no patch file; run the `patches` stage first")
-    with h5py.File(path, "r") as h5:
-        a = h5.attrs
+    with open_h5(path) as h5:
         return PatchFileInfo(
             path=path,
-            length=int(h5["image"].shape[0]),
-            size=int(a["size"]),
-            overlap=float(a["overlap"]),
-            stride=int(a["stride"]),
-            bands=json.loads(a["bands"]),
-            tiles=json.loads(a["tiles"]),
-            stats=BandStats(tuple(a["mean"].tolist()), tuple(a["std"].tolist())),
+            length=int(h5_dataset(h5, "image").shape[0]),
+            size=int(h5_attr(h5, "size")),
+            overlap=float(h5_attr(h5, "overlap")),
+            stride=int(h5_attr(h5, "stride")),
+            bands=json.loads(h5_attr(h5, "bands")),
+            tiles=json.loads(h5_attr(h5, "tiles")),
+            stats=BandStats(tuple(h5_attr(h5, "mean").tolist()), tuple(h5_attr(h5, "std").tolist())),
         )
+
+
+# --------------------------------------------------------------------------------------
+# Opening the files for reading: every failure names the file and what to do
+
+
+RERUN_PATCHES = "rerun the `patches` stage (`dvc repro patches`, or `dvc checkout` for the stored one)"
+
+
+class PatchFileError(ValueError):
+    """A patch or validation tile file is not HDF5, truncated, corrupt or lacks what it should hold."""
+
+
+def open_h5_file(path: Path) -> h5py.File:
+    """h5py.File(path, "r"); a file that is not HDF5 or is truncated raises PatchFileError naming it."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        detail = _first_line(err)
+        if "truncated file" in detail:
+            what = f"truncated (an interrupted write or copy? {detail})"
+        elif "signature not found" in detail:
+            size = path.stat().st_size if path.is_file() else 0
+            what = f"not an HDF5 file ({size} bytes without the HDF5 signature)"
+        else:
+            what = f"cannot be opened as an HDF5 file ({detail})"
+        raise PatchFileError(f"{path}: {what}; {RERUN_PATCHES}") from err
+
+
+@contextmanager
+def open_h5(path: Path) -> Iterator[h5py.File]:
+    """open_h5_file(path) for the block; data it cannot read raises PatchFileError naming `path`."""
+    with open_h5_file(path) as h5:
+        try:
+            yield h5
+        except OSError as err:
+            raise h5_read_error(path, err) from err
+
+
+def h5_read_error(path: Path, err: OSError, what: str = "data") -> PatchFileError:
+    """A chunk of an HDF5 file that opened cannot be read (a corrupt or partly overwritten file)."""
+    return PatchFileError(
+        f"{path}: {what} cannot be read (corrupt or truncated file? {_first_line(err)}); {RERUN_PATCHES}"
+    )
+
+
+def h5_attr(h5: h5py.File, name: str) -> Any:
+    """Attribute `name` of the file; PatchFileError naming the file and the attribute when it is missing."""
+    if name not in h5.attrs:
+        raise PatchFileError(
+            f"{h5.filename}: missing attribute `{name}` (found {sorted(h5.attrs) or 'none'}); expected a "
+            f"self-describing file written by the `patches` stage; {RERUN_PATCHES}"
+        )
+    return h5.attrs[name]
+
+
+def h5_dataset(h5: h5py.File, name: str) -> h5py.Dataset:
+    """Dataset `name` of the file; PatchFileError naming the file and the dataset when it is missing."""
+    found = h5.get(name)
+    if not isinstance(found, h5py.Dataset):
+        raise PatchFileError(
+            f"{h5.filename}: missing dataset `{name}`; expected a file written by the `patches` stage; "
+            f"{RERUN_PATCHES}"
+        )
+    return found
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -77,6 +77,10 @@ ISPRS_SPECTRAL_MAX = 255
 """The ISPRS orthophotos' spectral bands are 8-bit: 0-255."""
 
 
+READ_AGAIN = "download or copy it again"
+"""What to do about an input whose pixels cannot be read (an interrupted download or copy)."""
+
+
 class PredictError(ValueError):
     """An input cannot be predicted (missing, not a raster, unreadable, wrong bands)."""
 
@@ -469,8 +473,8 @@ def _sample(src: DatasetReader, band: int, alpha: int | None, expected: str) -> 
             keep &= src.read(alpha, out_shape=shape, resampling=Resampling.nearest) > 0
     except RasterioError as err:
         raise PredictError(
-            f"{src.name}: read failed (band {band}, decimated), truncated or corrupt file? "
-            f"({_first_line(err)}); expected {expected}"
+            f"{src.name}: pixel data cannot be read (band {band}, decimated; truncated or corrupt file? "
+            f"{_first_line(err)}); {READ_AGAIN}; expected {expected}"
         ) from err
     values = np.asarray(sample.data)[keep]
     return values[np.isfinite(values)]
@@ -524,8 +528,8 @@ class RasterRows:
                 valid = opaque if valid is None else valid & opaque
         except RasterioError as err:
             raise PredictError(
-                f"{self.src.name}: read failed in rows {top}-{bottom} of {self.height}, truncated or "
-                f"corrupt file? ({_first_line(err)}); expected {self.expected}"
+                f"{self.src.name}: pixel data cannot be read (rows {top}-{bottom} of {self.height}; "
+                f"truncated or corrupt file? {_first_line(err)}); {READ_AGAIN}; expected {self.expected}"
             ) from err
         if self.floating:
             finite = np.isfinite(data).all(axis=0)
@@ -566,6 +570,11 @@ def _to_tile_units(
                 offset[i] = -ground_level(src, band=index)
             except ValueError as err:
                 raise PredictError(f"{err}; expected heights in metres") from err
+            except RasterioError as err:
+                raise PredictError(
+                    f"{src.name}: pixel data cannot be read (band {index}, decimated; truncated or "
+                    f"corrupt file? {_first_line(err)}); {READ_AGAIN}"
+                ) from err
         elif band == "ndsm":
             grey_ndsm.append(i)
     return scale, offset, grey_ndsm

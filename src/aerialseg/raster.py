@@ -27,16 +27,49 @@ class RasterError(ValueError):
     """A raster file is missing, unreadable or not what was expected."""
 
 
-def read_raster(path: str | Path) -> tuple[np.ndarray, GeoReference]:
-    """Read all bands as a (bands, H, W) array with its georeference."""
+DOWNLOAD_AGAIN = "download it again"
+RERUN_TILES = "rerun the `tiles` stage (`dvc repro tiles`, or `dvc checkout` for the stored one)"
+
+
+def gdal_detail(err: BaseException) -> str:
+    """The first line of what GDAL said about a failed read.
+
+    rasterio's own message for a failed block read is "Read failed. See previous exception for
+    details": the block, band and file are in the exception it was raised from.
+    """
+    for candidate in (err.__cause__, err.__context__, err):
+        text = str(candidate).strip() if candidate is not None else ""
+        if text and not text.startswith("Read failed. See previous exception"):
+            return text.splitlines()[0]
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def pixel_read_error(where: object, err: BaseException, advice: str = DOWNLOAD_AGAIN) -> RasterError:
+    """The one-line error for a raster whose header opened but whose pixels cannot be read
+    (an interrupted download or copy); `where` is the path, or `archive!member`."""
+    return RasterError(
+        f"{where}: pixel data cannot be read (truncated or corrupt file? {gdal_detail(err)}); {advice}"
+    )
+
+
+def read_raster(path: str | Path, advice: str = RERUN_TILES) -> tuple[np.ndarray, GeoReference]:
+    """Read all bands as a (bands, H, W) array with its georeference.
+
+    Every failure is a RasterError naming `path`; a file whose pixels cannot be read ends with
+    `advice` (the project's tiles by default: they are the files this function reads).
+    """
     path = Path(path)
     if not path.exists():
         raise RasterError(f"{path}: file does not exist")
     try:
-        with rasterio.open(path) as src:
-            return src.read(), GeoReference(src.crs, src.transform)
+        src = rasterio.open(path)
     except rasterio.errors.RasterioError as err:
-        raise RasterError(f"{path}: not a readable raster ({err})") from err
+        raise RasterError(f"{path}: not a readable raster ({gdal_detail(err)})") from err
+    with src:
+        try:
+            return src.read(), GeoReference(src.crs, src.transform)
+        except rasterio.errors.RasterioError as err:
+            raise pixel_read_error(path, err, advice) from err
 
 
 def write_raster(

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import subprocess
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -31,6 +32,118 @@ def tracking_uri() -> str:
     DVC runs every stage from the project root, so the working directory is that root.
     """
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+TRACKING_TIMEOUT_ENV = "AERIALSEG_TRACKING_TIMEOUT"
+"""Seconds the check of a remote tracking store waits for an answer (default DEFAULT_TRACKING_TIMEOUT)."""
+DEFAULT_TRACKING_TIMEOUT = 30.0
+PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+"""What the probe asks: the call MlflowClient().search_experiments makes, with max_results 1."""
+
+
+class TrackingStoreError(ConnectionError):
+    """The tracking store (MLFLOW_TRACKING_URI) cannot be reached, does not answer, or is not MLflow."""
+
+
+def tracking_timeout() -> float:
+    """AERIALSEG_TRACKING_TIMEOUT in seconds, DEFAULT_TRACKING_TIMEOUT when unset."""
+    text = os.environ.get(TRACKING_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TRACKING_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"{TRACKING_TIMEOUT_ENV}={text!r}: expected a number of seconds above 0")
+    return value
+
+
+def check_tracking_store(uri: str | None = None) -> None:
+    """Fail within tracking_timeout() seconds, naming the URI, when a remote store cannot be used.
+
+    Called before a stage does any work: without it, MLflow's client retries a refused connection
+    for minutes and waits for a silent server indefinitely. Only http(s) stores are probed (one
+    POST of PROBE_ENDPOINT, no retries, with MLflow's credentials from MLFLOW_TRACKING_USERNAME /
+    _PASSWORD or _TOKEN); local stores (sqlite, folders) need no network. MLflow's own later calls
+    are bounded too: MLFLOW_HTTP_REQUEST_TIMEOUT defaults to the same timeout here (MLflow's: 120 s).
+    """
+    uri = uri or tracking_uri()
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    timeout = tracking_timeout()
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout))))
+    outcome: list[str | None] = []
+    # In a thread, so that the whole probe (name resolution included) is bounded, not each socket call.
+    probe = threading.Thread(target=lambda: outcome.append(_probe(uri, timeout)), daemon=True)
+    probe.start()
+    probe.join(timeout + 1.0)
+    if not outcome:
+        problem = f"no answer within {timeout:g} s"
+    elif outcome[0] is None:
+        return
+    else:
+        problem = outcome[0]
+    raise TrackingStoreError(
+        f"MLFLOW_TRACKING_URI={uri}: {problem}; expected a running MLflow tracking server there "
+        f"(or unset MLFLOW_TRACKING_URI for the project's own store, {DEFAULT_DB}); "
+        f"{TRACKING_TIMEOUT_ENV} sets how long to wait (now {timeout:g} s)"
+    )
+
+
+def _probe(uri: str, timeout: float) -> str | None:
+    """None when `uri` answers PROBE_ENDPOINT as an MLflow server does; else what went wrong."""
+    import requests
+
+    url = uri.rstrip("/") + PROBE_ENDPOINT
+    headers, auth = {}, None
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or (
+        os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+    )
+    try:
+        answer = requests.post(
+            url, json={"max_results": 1}, headers=headers, auth=auth, timeout=timeout, verify=verify
+        )
+    except requests.Timeout:
+        return f"no answer within {timeout:g} s (POST {PROBE_ENDPOINT})"
+    except requests.ConnectionError as err:
+        return f"cannot connect ({_reason(err)})"
+    except requests.RequestException as err:
+        return f"request failed ({_reason(err)})"
+    status = f"{answer.status_code} {answer.reason or ''}".strip()
+    if answer.status_code in (401, 403):
+        said = answer.text.strip().splitlines()[0][:200] if answer.text.strip() else "no message"
+        return (
+            f"the server refused access ({status}: {said}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
+        )
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if answer.ok and isinstance(body, dict):
+        return None
+    if not isinstance(body, dict) or "error_code" not in body:
+        kind = answer.headers.get("Content-Type", "no content type").split(";")[0]
+        return (
+            f"the server answered {status} ({kind}) to POST {PROBE_ENDPOINT}: not an MLflow tracking "
+            "server (check the host, port and path prefix)"
+        )
+    return f"the MLflow server answered {status}: {body.get('error_code')}: {body.get('message', '')}".strip()
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a requests error, e.g. `[Errno 111] Connection refused`."""
+    while err.__cause__ is not None or (err.args and isinstance(err.args[0], BaseException)):
+        err = err.__cause__ if err.__cause__ is not None else err.args[0]
+    reason = getattr(err, "reason", None)
+    text = str(reason if isinstance(reason, BaseException) else err).strip()
+    text = text.split(": ", 1)[-1] if "Errno" in text and ": [Errno" in text else text
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def run_tags() -> dict[str, str]:

@@ -48,6 +48,7 @@ from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
     HARDWARE_TAG,
     RunRef,
+    check_tracking_store,
     flatten,
     hardware_tag,
     log_lineage,
@@ -317,6 +318,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     `callbacks` are added to the trainer's (tests use it to interrupt a run). Returns the last
     epoch's metrics.
     """
+    check_tracking_store()  # a remote store that cannot be used fails now, within its timeout
     cfg = params.train
     L.seed_everything(cfg.seed, workers=True)
     train_info = read_patch_info(params.paths.patches / "train.h5")

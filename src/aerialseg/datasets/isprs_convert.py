@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from aerialseg.datasets.isprs_layout import (
     NDSM_JPEG_METRES_PER_VALUE,
     DatasetLayout,
 )
-from aerialseg.raster import RasterError
+from aerialseg.raster import RasterError, pixel_read_error
 
 BLOCK_ROWS = 512
 """Rows read and written at a time; a multiple of the output's 256-px GeoTIFF tiles."""
@@ -186,8 +186,9 @@ def convert_tile(
         opened = {role: stack.enter_context(_open(tile.files[role])) for role in plan.roles}
         reference = opened[plan.reference_role]
         padding = _check_inputs(tile, plan, layout, opened)
-        image = _ImageBlocks(plan, layout, bands, opened)
+        image = _ImageBlocks(plan, layout, bands, opened, tile.files)
         _write_blocks(outputs["image"], reference, bands, np.float32, image.read)
+        image.check_not_empty()
         snapped = _write_label(
             opened[LABEL], tile.files[LABEL], reference, outputs["label"], colour_tolerance, eroded=False
         )
@@ -211,6 +212,19 @@ def convert_tile(
 
 # --------------------------------------------------------------------------------------
 # Reading and checking inputs
+
+
+@contextmanager
+def _reading(where: object) -> Iterator[None]:
+    """Pixel reads of the file `where` (a path or `archive!member`): a failed read names it.
+
+    A file whose header is intact but whose data is cut (an interrupted download) opens, and
+    fails only here, with rasterio's "Read failed" that names neither file nor block.
+    """
+    try:
+        yield
+    except rasterio.errors.RasterioError as err:
+        raise pixel_read_error(where, err) from err
 
 
 def _open(source: RasterSource) -> DatasetReader:
@@ -321,32 +335,54 @@ def _shift(src: DatasetReader, reference: DatasetReader) -> str:
 
 
 class _ImageBlocks:
-    """Reads the output image of a tile one row block at a time, bands in data.bands order."""
+    """Reads the output image of a tile one row block at a time, bands in data.bands order.
+
+    `sources` (the tile's files by role) name the file in errors; without them, rasterio's name.
+    """
 
     def __init__(
-        self, plan: TilePlan, layout: DatasetLayout, bands: tuple[str, ...], opened: dict[str, DatasetReader]
+        self,
+        plan: TilePlan,
+        layout: DatasetLayout,
+        bands: tuple[str, ...],
+        opened: dict[str, DatasetReader],
+        sources: Mapping[str, RasterSource] | None = None,
     ) -> None:
         self.plan, self.bands, self.opened = plan, bands, opened
+        self.where = {role: str(sources[role]) if sources else src.name for role, src in opened.items()}
         self.dsm = opened[DSM] if plan.needs_dsm else None
-        self.ground_level = ground_level(self.dsm) if self.dsm is not None else 0.0
+        self.ground_level = 0.0
+        if self.dsm is not None:
+            with _reading(self.where[DSM]):
+                self.ground_level = ground_level(self.dsm)
         self.ground: GroundModel | None = None
         self.ndsm_source = NO_NDSM
         if "ndsm" in bands:
             self.ndsm_source = NDSM_FROM_ARCHIVE if plan.ndsm_from_archive else NDSM_DERIVED
         if self.ndsm_source == NDSM_DERIVED and self.dsm is not None:
             pixel_size = _pixel_size_m(opened[plan.reference_role], layout)
-            self.ground = estimate_ground(self.dsm, pixel_size, self.ground_level, BLOCK_ROWS)
+            with _reading(self.where[DSM]):
+                self.ground = estimate_ground(self.dsm, pixel_size, self.ground_level, BLOCK_ROWS)
+        # Per orthophoto read: pixels not nodata, and of those, pixels not 0 in every band.
+        self.valid = dict.fromkeys(plan.spectral, 0)
+        self.nonzero = dict.fromkeys(plan.spectral, 0)
 
     def read(self, window: Window) -> np.ndarray:
         block = np.empty((len(self.bands), window.height, window.width), dtype=np.float32)
         for role, pairs in self.plan.spectral.items():
-            pixels = self.opened[role].read([band for _, band in pairs], window=window)
-            for (out_index, _), values in zip(pairs, pixels, strict=True):
+            with _reading(self.where[role]):
+                pixels = self.opened[role].read([band for _, band in pairs], window=window, masked=True)
+            data = np.ma.getdata(pixels)
+            valid = ~np.ma.getmaskarray(pixels).any(axis=0)
+            self.valid[role] += int(np.count_nonzero(valid))
+            self.nonzero[role] += int(np.count_nonzero(valid & (data != 0).any(axis=0)))
+            for (out_index, _), values in zip(pairs, data, strict=True):
                 block[out_index] = values.astype(np.float32) / 255.0
         dsm = None
         if self.dsm is not None:
-            dsm_src = self.dsm
-            dsm = _read_edge_padded(dsm_src, window, lambda w: read_heights(dsm_src, w, self.ground_level))
+            dsm_src, fill = self.dsm, self.ground_level
+            with _reading(self.where[DSM]):
+                dsm = _read_edge_padded(dsm_src, window, lambda w: read_heights(dsm_src, w, fill))
         for out_index, band in enumerate(self.bands):
             if band == "dsm" and dsm is not None:
                 block[out_index] = dsm - self.ground_level
@@ -354,10 +390,33 @@ class _ImageBlocks:
                 block[out_index] = self._ndsm(window, dsm)
         return block
 
+    def check_not_empty(self) -> None:
+        """Refuse an orthophoto without image data, as ground_level refuses an all-nodata DSM.
+
+        Called once every block was read: an orthophoto whose every pixel is nodata (its nodata
+        value, an internal mask or alpha band), or 0 in every band (an empty image), would be
+        converted and trained on as black ground.
+        """
+        for role in self.plan.spectral:
+            src = self.opened[role]
+            if self.nonzero[role]:
+                continue
+            if not self.valid[role]:
+                nodata = f", nodata value {src.nodata:g}" if src.nodata is not None else ""
+                found = f"every pixel is nodata ({src.width} x {src.height} px{nodata})"
+            else:
+                found = f"every pixel is 0 in every band ({src.width} x {src.height} px): an empty image"
+            raise RasterError(
+                f"{self.where[role]}: the orthophoto has no valid pixel: {found}; expected image data "
+                "(an interrupted download, or an export of an empty area?); download it again"
+            )
+
     def _ndsm(self, window: Window, dsm: np.ndarray | None) -> np.ndarray:
         if self.plan.ndsm_from_archive:
             ndsm = self.opened[NDSM]
-            return ndsm_metres_from_grey(_read_edge_padded(ndsm, window, lambda w: ndsm.read(1, window=w)))
+            with _reading(self.where[NDSM]):
+                grey = _read_edge_padded(ndsm, window, lambda w: ndsm.read(1, window=w))
+            return ndsm_metres_from_grey(grey)
         assert dsm is not None and self.ground is not None  # plan_tile asks for the DSM
         return normalised_heights(dsm, self.ground.block(window.row_off, window.height, window.width))
 
@@ -408,7 +467,8 @@ def _write_label(
 
     def decode(window: Window) -> np.ndarray:
         nonlocal snapped
-        rgb = np.moveaxis(src.read([1, 2, 3], window=window), 0, -1)
+        with _reading(source):
+            rgb = np.moveaxis(src.read([1, 2, 3], window=window), 0, -1)
         decoded = decode_colours(rgb, allow_boundary=eroded, tolerance=tolerance)
         snapped += decoded.snapped
         unknown.update(decoded.unknown)
