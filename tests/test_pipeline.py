@@ -173,9 +173,7 @@ def test_small_results_are_committed_to_git_and_diff_between_commits(project: Pa
     diff = json.loads(run(project, "dvc", "metrics", "diff", "HEAD", "--json").stdout)
     changed = diff["reports/metrics.json"]
     assert changed["overall_accuracy"]["old"] != changed["overall_accuracy"]["new"]
-    plots = json.loads(
-        run(project, "dvc", "plots", "diff", "HEAD", "--json", "-o", str(tmp_path)).stdout
-    )
+    plots = json.loads(run(project, "dvc", "plots", "diff", "HEAD", "--json", "-o", str(tmp_path)).stdout)
     assert "errors" not in plots, plots.get("errors")
     bars = plots["data"]["test_f1_per_class"][0]["content"]["data"]["values"]
     assert {row["rev"] for row in bars} == {"HEAD", "workspace"}
