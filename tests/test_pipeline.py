@@ -206,15 +206,22 @@ def test_a_misspelt_section_stops_dvc_repro_with_its_name(project: Path) -> None
 
 
 def test_overlap_change_reruns_patches_train_evaluate_only(project: Path) -> None:
+    # (`params`, the check of params.yaml, runs on any change of the file and writes nothing.)
     runs_before = len(mlflow_client(project).search_runs([_experiment_id(project)]))
     set_params(project, {"patches": {"overlap": 0.25}})
-    assert stages_run(_run(project, "dvc", "repro")) == {"patches", "train", "evaluate"}
+    assert stages_run(_run(project, "dvc", "repro")) == {"params", "patches", "train", "evaluate"}
     assert len(mlflow_client(project).search_runs([_experiment_id(project)])) == runs_before + 1
 
+    # evaluate.overlap also shapes validation, hence model selection: it retrains.
     set_params(project, {"evaluate": {"overlap": 0.25}})
-    assert stages_run(_run(project, "dvc", "repro")) == {"evaluate"}
+    assert stages_run(_run(project, "dvc", "repro")) == {"params", "train", "evaluate"}
+    # A setting of evaluate alone reruns evaluate alone, into the same MLflow run.
     run_id = json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"]
-    assert mlflow_client(project).get_run(run_id).data.tags["evaluate.overlap"] == "0.25"
+    set_params(project, {"evaluate": {"batch_size": 2}})
+    assert stages_run(_run(project, "dvc", "repro")) == {"params", "evaluate"}
+    assert json.loads((project / "reports" / "metrics.json").read_text())["mlflow_run_id"] == run_id
+    tags = mlflow_client(project).get_run(run_id).data.tags
+    assert tags["evaluate.batch_size"] == "2" and tags["evaluate.overlap"] == "0.25"
 
 
 def test_dvc_experiment_makes_a_new_run_and_shows_its_metrics(project: Path) -> None:

@@ -281,7 +281,7 @@ def test_pattern1_runs_the_whole_pipeline_in_one_job(pattern1: Job, project: Pat
     assert pattern1.returncode == 0, f"job {pattern1.id} failed:\n{pattern1.output}\n{pattern1.log()}"
     assert pattern1.out.exists() and pattern1.err.exists()
     out = pattern1.out.read_text()
-    assert stages_run(out) == {"scenes", "tiles", "patches", "train", "evaluate"}, pattern1.log()
+    assert stages_run(out) == {"params", "scenes", "tiles", "patches", "train", "evaluate"}, pattern1.log()
     assert "running: dvc repro" in out
     # Two Lightning ranks, started by srun (labelled 0: and 1:), that found each other.
     log = out + pattern1.err.read_text()
