@@ -16,9 +16,9 @@ def main() -> None:
     stats = band_statistics([tiles_dir / name for name in train_tiles["image"]])
     out = params.paths.patches / "train.h5"
     count = write_patches(
-        train_tiles, tiles_dir, out, size=cfg.size, overlap=cfg.overlap, stats=stats, bands=bands
+        train_tiles, tiles_dir, out, size=cfg.size_px, overlap=cfg.overlap, stats=stats, bands=bands
     )
-    print(f"train: {count} patches of {cfg.size} px from {len(train_tiles)} tiles -> {out}")
+    print(f"train: {count} patches of {cfg.size_px} px from {len(train_tiles)} tiles -> {out}")
     val_tiles = read_tiles_table(tiles_dir, "val")
     out = params.paths.patches / "val.h5"
     scored = write_validation_tiles(val_tiles, tiles_dir, out, stats=stats, bands=bands)

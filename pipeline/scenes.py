@@ -9,7 +9,7 @@ def main() -> None:
     params = load_params()
     out = params.paths.raw / "synthetic"
     areas = write_vaihingen_layout(out, params.synthetic)
-    print(f"wrote {len(areas)} synthetic areas of {params.synthetic.size} px to {out}")
+    print(f"wrote {len(areas)} synthetic areas of {params.synthetic.size_px} px to {out}")
 
 
 if __name__ == "__main__":

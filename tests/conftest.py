@@ -25,7 +25,7 @@ TEST_TILES = (4,)
 
 @pytest.fixture(scope="session")
 def synthetic_config() -> SyntheticConfig:
-    return SyntheticConfig(tiles=SYNTHETIC_TILES, size=SYNTHETIC_SIZE, seed=0)
+    return SyntheticConfig(tiles=SYNTHETIC_TILES, size_px=SYNTHETIC_SIZE, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,9 @@ COPIED = ("pipeline", "src", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcigno
 # Never copied: caches, build leftovers and job logs of the working tree.
 IGNORED = ("__pycache__", "*.egg-info", "*.out", "*.err")
 TINY: dict[str, dict[str, Any]] = {
-    "synthetic": {"tiles": 4, "size": 128},
+    "synthetic": {"tiles": 4, "size_px": 128},
     "data": {"val_tiles": [3], "test_tiles": [4]},
-    "patches": {"size": 64, "overlap": 0.5},
+    "patches": {"size_px": 64, "overlap": 0.5},
     "model": {"encoder": "resnet18"},
     "train": {"epochs": 2, "batch_size": 4, "num_workers": 0, "limit_train_batches": 2},
 }

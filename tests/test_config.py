@@ -60,7 +60,7 @@ def test_project_params_load(project_raw: dict[str, Any]) -> None:
     # Tile ids are text: Vaihingen areas are numbers, Potsdam tiles look like "2_10".
     assert params.data.val_tiles == tuple(str(t) for t in project_raw["data"]["val_tiles"])
     assert params.data.test_tiles == tuple(str(t) for t in project_raw["data"]["test_tiles"])
-    assert params.patches.size == project_raw["patches"]["size"]
+    assert params.patches.size_px == project_raw["patches"]["size_px"]
     assert params.patches.overlap == project_raw["patches"]["overlap"]
     assert params.train.epochs == project_raw["train"]["epochs"]
     assert params.train.optimizer == project_raw["train"]["optimizer"]
@@ -118,15 +118,15 @@ def test_good_patch_overlap(tmp_path: Path, project_raw: dict[str, Any], value: 
 
 @pytest.mark.parametrize("value", [100, 48, 250])
 def test_patch_size_not_multiple_of_32(tmp_path: Path, project_raw: dict[str, Any], value: int) -> None:
-    message = config_error(tmp_path, project_raw, "patches.size", value)
-    assert "patches.size" in message
+    message = config_error(tmp_path, project_raw, "patches.size_px", value)
+    assert "patches.size_px" in message
     assert str(value) in message
     assert "32" in message
 
 
 @pytest.mark.parametrize("value", [32, 64, 512])
 def test_patch_size_multiple_of_32(tmp_path: Path, project_raw: dict[str, Any], value: int) -> None:
-    assert load_with(tmp_path, project_raw, "patches.size", value).patches.size == value
+    assert load_with(tmp_path, project_raw, "patches.size_px", value).patches.size_px == value
 
 
 def test_unknown_optimizer_lists_allowed_values(tmp_path: Path, project_raw: dict[str, Any]) -> None:
@@ -404,3 +404,15 @@ def test_excluding_an_official_test_tile_is_an_error() -> None:
         DatasetLayoutError, match=r"data\.exclude_tiles: 2_13 is an official Potsdam test tile"
     ):
         assign_splits([*POTSDAM.official_train, *POTSDAM.official_test], data)
+
+
+@pytest.mark.parametrize(
+    ("section", "new"), [("patches", "patches.size_px"), ("synthetic", "synthetic.size_px")]
+)
+def test_an_old_size_key_says_what_it_is_called_now(tmp_path: Path, section: str, new: str) -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw[section]["size"] = 64
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"{section}\.size: renamed to {new} \(DVC's run cache"):
+        load_params(path)

@@ -56,7 +56,7 @@ def test_two_process_cpu_ddp_training(patches_dir: Path, tmp_path: Path) -> None
     params = {
         "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},
         "data": {"val_tiles": [3], "test_tiles": [4]},
-        "patches": {"size": 64},
+        "patches": {"size_px": 64},
         "model": {"encoder": "resnet18"},
         "train": {
             "epochs": 1,

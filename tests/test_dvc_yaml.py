@@ -105,3 +105,14 @@ def test_every_param_that_can_change_a_result_is_a_stage_param() -> None:
 def test_the_params_stage_validates_the_whole_file() -> None:
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["params"]
     assert "params.yaml" in stage["deps"] and not stage.get("outs")
+
+
+def test_no_param_is_named_so_that_dvc_cannot_see_it() -> None:
+    """DVC's run cache leaves every key named `size` or `nfiles`, at any depth, out of a stage's hash
+    (dvc/stage/cache.py strips dvc_data's Meta.PARAM_SIZE/PARAM_NFILES from the whole lock entry):
+    a changed `patches.size` would restore the old patches from the run cache."""
+    from dvc_data.hashfile.meta import Meta
+
+    stripped = {Meta.PARAM_SIZE, Meta.PARAM_NFILES}
+    named = [k for k in _leaf_keys(Params) if set(k.split(".")) & stripped]
+    assert not named, f"rename these params: DVC's run cache cannot see them: {named}"

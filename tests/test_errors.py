@@ -174,7 +174,7 @@ def test_patches_names_a_tile_whose_pixel_data_is_cut(
         {
             "paths": {"tiles": str(tiles), "patches": "patches"},
             "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size": 64},
+            "patches": {"size_px": 64},
         },
     )
     line = run_stage_script("patches", project, monkeypatch, capsys)
@@ -199,7 +199,7 @@ def train_project(tmp_path: Path, patches: Path, **train: Any) -> Path:
         {
             "paths": {"patches": str(patches), "models": "models", "reports": "reports"},
             "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size": 64},
+            "patches": {"size_px": 64},
             "model": {"arch": "fcn_skip", "encoder": "resnet18"},
             "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, **train},
         },

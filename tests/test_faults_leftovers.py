@@ -30,7 +30,7 @@ HOST = host_tag()
 SLOW_TILES: dict[str, dict[str, Any]] = {
     **TINY,
     # Four 512 px areas with the derived nDSM band: `tiles` writes for a few seconds.
-    "synthetic": {"tiles": 4, "size": 512},
+    "synthetic": {"tiles": 4, "size_px": 512},
     "data": {**TINY["data"], "bands": ["ir", "r", "g", "dsm", "ndsm"]},
 }
 
@@ -350,7 +350,7 @@ def test_train_gives_the_trainer_the_atomic_checkpoint_io(
         {
             "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},
             "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size": 64},
+            "patches": {"size_px": 64},
             "model": {"encoder": "resnet18"},
             "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "accelerator": "cpu"},
             "tracking": {"experiment": "unit"},

@@ -230,7 +230,7 @@ def test_tile_smaller_than_patch(synthetic_tiles: Path, train_stats: BandStats, 
     message = str(info.value)
     assert "area1" in message
     assert "160" in message
-    assert "patches.size" in message
+    assert "patches.size_px" in message
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
+import h5py
 import pytest
+import yaml
 from project_copy import copy_project, mlflow_client, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
@@ -182,6 +186,84 @@ def test_small_results_are_committed_to_git_and_diff_between_commits(project: Pa
     run(project, "dvc", "checkout", "-q")
     assert stages_run(_run(project, "dvc", "repro")) == set()
     assert run(project, "git", "status", "--porcelain").stdout == ""
+
+
+def _leaves(tree: Any, prefix: str) -> list[str]:
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _leaves(v, f"{prefix}.{k}")]
+    return [prefix]
+
+
+def _another(value: Any) -> Any:
+    """A different value of the same kind (DVC hashes values; it does not validate them)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, list):
+        return [*value, "x"]
+    return "x" if value is None else f"{value}x"
+
+
+def test_the_run_cache_sees_every_param_of_every_stage_it_caches(project: Path) -> None:
+    """DVC's run cache restores a stage's outputs for params it has run with before; a param it
+    cannot see (DVC strips keys named `size` or `nfiles` from the hash) would restore stale ones."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+    from dvc.stage.cache import _can_hash, _get_cache_hash
+    from dvc.stage.serialize import to_single_stage_lockfile
+
+    path = project / "params.yaml"
+    original = path.read_text()
+    raw = yaml.safe_load(original)
+
+    def run_cache_key(stage: Any) -> str:
+        for dep in stage.deps:
+            if isinstance(dep, ParamsDependency):
+                dep.save()  # reads params.yaml again
+        return str(_get_cache_hash(to_single_stage_lockfile(stage), key=True))
+
+    checked = []
+    try:
+        with Repo(str(project)) as repo:
+            for name in ("scenes", "tiles", "patches", "train", "evaluate"):
+                stage = repo.stage.collect(name)[0]
+                if not _can_hash(stage):
+                    continue  # never restored from the run cache (train: persistent checkpoints)
+                base = run_cache_key(stage)
+                keys = [leaf for dep in stage.params for p in dep.params for leaf in _leaves(_get(raw, p), p)]
+                for key in keys:
+                    changed = copy.deepcopy(raw)
+                    parent, last = key.rsplit(".", 1)
+                    _get(changed, parent)[last] = _another(_get(raw, key))
+                    path.write_text(yaml.safe_dump(changed, sort_keys=False))
+                    assert run_cache_key(stage) != base, f"{name}: the run cache does not see {key}"
+                    checked.append(key)
+    finally:
+        path.write_text(original)
+    assert {"patches.size_px", "synthetic.size_px", "data.val_tiles", "evaluate.batch_size"} <= set(checked)
+
+    # For real: with an entry for 64 px in the run cache, 32 px patches are made anew; back at
+    # 64 px, the run cache restores the patches it made for 64 px (legitimately).
+    set_params(project, {"patches": {"size_px": 32}})
+    assert stages_run(_run(project, "dvc", "repro", "patches")) == {"patches"}
+    assert _patch_size(project) == 32
+    path.write_text(original)
+    restored = _run(project, "dvc", "repro", "patches")
+    assert "Stage 'patches' is cached - skipping run" in restored
+    assert _patch_size(project) == 64
+    assert stages_run(_run(project, "dvc", "repro")) == set()
+
+
+def _patch_size(project: Path) -> int:
+    with h5py.File(project / "data/patches/train.h5", "r") as h5:
+        return int(h5.attrs["size"])
+
+
+def _get(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
 
 
 def test_settings_that_cannot_change_a_result_retrain_nothing(project: Path) -> None:

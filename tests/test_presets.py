@@ -36,7 +36,7 @@ def test_lecture_preset_is_the_lectures_setup(params_file: Path) -> None:
     params = load_params(params_file)
     assert params.data.source == "vaihingen" and params.data.bands == ("ir", "r", "g")
     assert params.data.test_tiles == ("15", "23")
-    assert params.patches.size == 256 and params.patches.overlap == 0.6
+    assert params.patches.size_px == 256 and params.patches.overlap == 0.6
     assert params.train.epochs == 20 and params.train.augment
     assert params.model.arch == "fcn_skip" and params.model.encoder == "resnet50"
     # Settings no preset touches stay as the user had them, comments included.

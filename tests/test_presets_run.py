@@ -8,7 +8,7 @@ them) and Potsdam 3_13's DSM and nDSM one column short, as in the real download.
 CPU-only machine without internet needs is overridden afterwards (one epoch of one batch, a
 ResNet18 encoder, no ImageNet weights, no TTA, a tiny `scenes` stage); every `data.*` key, the
 split and the tile ids stay exactly as the preset wrote them. Tiles are as small as the preset's
-`patches.size` allows, so each train tile gives one patch and each test tile one window.
+`patches.size_px` allows, so each train tile gives one patch and each test tile one window.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ and 38 Potsdam tiles need not all differ to test that the split and the stages a
 
 # Only what a CPU without internet needs; nothing under data.*.
 CPU_OVERRIDES: dict[str, dict[str, Any]] = {
-    "synthetic": {"tiles": 3, "size": 128},  # the `scenes` stage still runs; the presets do not read it
+    "synthetic": {"tiles": 3, "size_px": 128},  # the `scenes` stage still runs; the presets do not read it
     "model": {"encoder": "resnet18"},  # same architecture (fpn / fcn_skip), smaller encoder
     "train": {
         "epochs": 1,
@@ -155,7 +155,7 @@ def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     expected = EXPECTED[name]
     preset = yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text())
     project = copy_project(tmp_path_factory.mktemp(name), params={}, names=(*COPIED, "presets"))
-    _write_archives(project, expected, size=preset["patches"]["size"])
+    _write_archives(project, expected, size=preset["patches"]["size_px"])
     run(project, "aerialseg", "preset", name)
     data_as_applied = _data_section(project / "params.yaml")
     _override(project / "params.yaml", CPU_OVERRIDES)

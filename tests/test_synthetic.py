@@ -222,7 +222,7 @@ def files_under(root: Path) -> set[str]:
 
 
 def test_layout_matches_the_official_vaihingen_folders(tmp_path: Path) -> None:
-    cfg = SyntheticConfig(tiles=3, size=128, seed=5)
+    cfg = SyntheticConfig(tiles=3, size_px=128, seed=5)
     out = tmp_path / "synthetic"
 
     areas = write_vaihingen_layout(out, cfg)
@@ -263,8 +263,8 @@ def test_layout_matches_the_official_vaihingen_folders(tmp_path: Path) -> None:
 
 
 def test_tiles_do_not_change_with_the_tile_count(tmp_path: Path) -> None:
-    write_vaihingen_layout(tmp_path / "three", SyntheticConfig(tiles=3, size=96, seed=2))
-    write_vaihingen_layout(tmp_path / "four", SyntheticConfig(tiles=4, size=96, seed=2))
+    write_vaihingen_layout(tmp_path / "three", SyntheticConfig(tiles=3, size_px=96, seed=2))
+    write_vaihingen_layout(tmp_path / "four", SyntheticConfig(tiles=4, size_px=96, seed=2))
     assert files_under(tmp_path / "four") == expected_files([1, 2, 3, 4])
     for name in expected_files([1, 2, 3]):
         np.testing.assert_array_equal(read(tmp_path / "three" / name)[0], read(tmp_path / "four" / name)[0])
@@ -274,7 +274,7 @@ def test_a_crash_leaves_no_half_layout_and_keeps_the_old_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "synthetic"
-    write_vaihingen_layout(out, SyntheticConfig(tiles=3, size=64, seed=0))
+    write_vaihingen_layout(out, SyntheticConfig(tiles=3, size_px=64, seed=0))
     old_top = read(out / "top/top_mosaic_09cm_area1.tif")[0]
 
     real_write = synthetic.write_raster
@@ -288,7 +288,7 @@ def test_a_crash_leaves_no_half_layout_and_keeps_the_old_one(
 
     monkeypatch.setattr(synthetic, "write_raster", failing_write)
     with pytest.raises(OSError, match="disk full"):
-        write_vaihingen_layout(out, SyntheticConfig(tiles=3, size=64, seed=1))
+        write_vaihingen_layout(out, SyntheticConfig(tiles=3, size_px=64, seed=1))
 
     assert len(calls) == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"], "temporary folder left"
@@ -298,5 +298,5 @@ def test_a_crash_leaves_no_half_layout_and_keeps_the_old_one(
 
 def test_negative_seed_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="seed"):
-        write_vaihingen_layout(tmp_path / "synthetic", SyntheticConfig(tiles=3, size=64, seed=-1))
+        write_vaihingen_layout(tmp_path / "synthetic", SyntheticConfig(tiles=3, size_px=64, seed=-1))
     assert not (tmp_path / "synthetic").exists()

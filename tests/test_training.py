@@ -19,7 +19,7 @@ def _params(patches_dir: Path, models: Path, precision: str) -> Params:
         {
             "paths": {"patches": str(patches_dir), "models": str(models)},
             "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size": 64},
+            "patches": {"size_px": 64},
             "model": {"encoder": "resnet18"},
             "train": {
                 "epochs": 2,

@@ -29,7 +29,7 @@ def test_val_figures_are_evaluates_figures_on_the_whole_val_tiles(
         {
             "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},
             "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size": 64},
+            "patches": {"size_px": 64},
             "model": {"encoder": "resnet18"},
             "train": {
                 "epochs": 1,

@@ -34,6 +34,10 @@ NOT_RESULTS = ("train.num_workers", "train.resume", "tracking")
 so changing them reruns nothing (tests/test_dvc_yaml.py checks that every other key is named)."""
 
 
+RENAMED = {"patches.size": "patches.size_px", "synthetic.size": "synthetic.size_px"}
+"""Keys of older params.yaml files and their names now, for the error that says so."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,7 +54,8 @@ class SyntheticConfig(_Section):
     """Procedural Vaihingen-like scenes, written in the official Vaihingen layout."""
 
     tiles: Annotated[int, Field(ge=3)] = 8
-    size: Annotated[int, Field(ge=64)] = 512
+    size_px: Annotated[int, Field(ge=64)] = 512
+    """Side of each square area, px."""
     seed: Annotated[int, Field(ge=0)] = 0
 
 
@@ -123,14 +128,15 @@ class DataConfig(_Section):
 
 
 class PatchesConfig(_Section):
-    size: Annotated[int, Field(gt=0)] = 256
+    size_px: Annotated[int, Field(gt=0)] = 256
+    """Side of each square patch (and of the inference window), px."""
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.size % 32:
+        if self.size_px % 32:
             raise ValueError(
-                f"patches.size: {self.size} is not a multiple of 32 (the encoder downsamples 32x)"
+                f"patches.size_px: {self.size_px} is not a multiple of 32 (the encoder downsamples 32x)"
             )
         return self
 
@@ -333,7 +339,9 @@ def _describe(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and key in RENAMED:
+            msg = f"renamed to {RENAMED[key]} (DVC's run cache cannot see a param named `size`)"
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling)"
         elif "input" in e and e["type"] != "missing":
             msg = f"{msg} (got {e['input']!r})"

@@ -105,7 +105,7 @@ def write_patches(
             try:
                 windows = window_grid(image.shape[1], image.shape[2], size, overlap)
             except ValueError as err:
-                raise ValueError(f"tile {row.tile}: {err}; lower patches.size") from err
+                raise ValueError(f"tile {row.tile}: {err}; lower patches.size_px") from err
             start = image_ds.shape[0]
             for ds in (image_ds, mask_ds, tile_ds, offset_ds):
                 ds.resize(start + len(windows), axis=0)

@@ -144,8 +144,8 @@ def write_vaihingen_layout(
     with atomic_path(Path(out_dir)) as tmp:
         tmp.mkdir()
         for area in areas:
-            scene = generate_scene(cfg.size, np.random.default_rng([cfg.seed, area]))
-            georef = area_georeference(area, cfg.size)
+            scene = generate_scene(cfg.size_px, np.random.default_rng([cfg.seed, area]))
+            georef = area_georeference(area, cfg.size_px)
             files = vaihingen_files(tmp, area)
             full_gt = index_to_colours(scene.label).transpose(2, 0, 1)
             eroded_gt = index_to_colours(erode_label(scene.label, erode_radius)).transpose(2, 0, 1)
