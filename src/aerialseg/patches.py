@@ -123,12 +123,7 @@ def write_patches(
             size=size,
             overlap=overlap,
             stride=stride_for(size, overlap),
-            bands=json.dumps(bands),
-            classes=json.dumps(legend()),
-            ignore_index=IGNORE_INDEX,
-            mean=np.asarray(stats.mean, dtype=np.float64),
-            std=np.asarray(stats.std, dtype=np.float64),
-            tiles=json.dumps(tiles["tile"].tolist()),
+            **_description(tiles, stats, bands),
         )
         return int(image_ds.shape[0])
 
@@ -163,17 +158,20 @@ def write_validation_tiles(
             group.create_dataset("image", data=image.astype(np.float32), chunks=(len(bands), *chunk))
             group.create_dataset("reference", data=reference[0].astype(np.uint8), chunks=chunk)
             scored += int(np.count_nonzero(reference[0] != IGNORE_INDEX))
-        h5.attrs.update(
-            kind="tiles",
-            reference="eroded",
-            bands=json.dumps(bands),
-            classes=json.dumps(legend()),
-            ignore_index=IGNORE_INDEX,
-            mean=np.asarray(stats.mean, dtype=np.float64),
-            std=np.asarray(stats.std, dtype=np.float64),
-            tiles=json.dumps([str(t) for t in tiles["tile"]]),
-        )
+        h5.attrs.update(kind="tiles", reference="eroded", **_description(tiles, stats, bands))
     return scored
+
+
+def _description(tiles: pd.DataFrame, stats: BandStats, bands: list[str]) -> dict[str, Any]:
+    """The attributes both files carry: bands, legend, ignore index, training statistics, tiles."""
+    return {
+        "bands": json.dumps(bands),
+        "classes": json.dumps(legend()),
+        "ignore_index": IGNORE_INDEX,
+        "mean": np.asarray(stats.mean, dtype=np.float64),
+        "std": np.asarray(stats.std, dtype=np.float64),
+        "tiles": json.dumps([str(t) for t in tiles["tile"]]),
+    }
 
 
 @dataclass(frozen=True)
