@@ -321,6 +321,7 @@ def test_a_fresh_run_ignores_old_checkpoints_and_starts_a_new_mlflow_run(
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] != first
     assert sorted(p.name for p in (models / "checkpoints").iterdir()) == [
         "best.ckpt",
+        "fingerprint.json",  # the params and data of the checkpoints, for train.resume
         "last.ckpt",
         "mlflow_run.json",
     ]

@@ -92,14 +92,25 @@ class SpectralJitter(nn.Module):
         return out
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of patch `index` in `epoch` of a run seeded with `seed`."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
 class PatchDataset(Dataset[dict[str, torch.Tensor]]):
     """Patches of one HDF5 file as `{"image": (C, H, W) float32, "mask": (H, W) int64}` samples.
 
     The file is opened lazily in each worker process: h5py handles must not cross a fork.
+
+    An index is a patch number, or an `(epoch, patch)` pair (what `datamodule.EpochShards`
+    yields): a pair's augmentation is drawn from (seed, epoch, patch) alone, so a sample is the
+    same whichever worker reads it, however long that worker has lived, and in a resumed run. A
+    plain number draws from the process's own stream (seeded per worker).
     """
 
-    def __init__(self, path: Path, *, augment: bool = False) -> None:
+    def __init__(self, path: Path, *, augment: bool = False, seed: int = 0) -> None:
         self.path = Path(path)
+        self.seed = seed
         info = read_patch_info(self.path)
         self.length = info.length
         self.bands = info.bands
@@ -112,7 +123,8 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = index if isinstance(index, tuple) else (None, index)
         if self._pid != os.getpid():
             self._start_in_this_process()
         assert self._h5 is not None
@@ -122,6 +134,8 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         except OSError as err:
             raise h5_read_error(self.path, err, f"patch {index}") from err
         if self.augment is not None:
+            if epoch is not None:
+                self.augment.set_random_seed(sample_seed(self.seed, epoch, index))
             image, mask = self._augment(image, mask)
         image = (image - self.mean) / self.std
         return {

@@ -1,10 +1,10 @@
 """The data side of training: loaders sharded over DDP ranks, and random streams that make
-a resumed run repeat an uninterrupted one."""
+a resumed run repeat an uninterrupted one, whatever the number of loader workers."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import lightning as L
@@ -23,8 +23,9 @@ class PatchData(L.LightningDataModule):
 
     Built here rather than by Lightning (use_distributed_sampler=False) for two reasons: the
     val tiles are dealt out whole, each to one rank, so that each val pixel counts once; and
-    the train order must depend only on (seed, epoch), so that a resumed run sees the same
-    batches as an uninterrupted one.
+    the train batches must depend only on (seed, epoch) - their order (EpochShards) and each
+    sample's augmentation (PatchDataset, from (seed, epoch, patch)) - so that a resumed run,
+    or one with another `train.num_workers`, sees the same batches as an uninterrupted one.
     """
 
     def __init__(self, train: PatchFileInfo, val: TileFileInfo, cfg: TrainConfig) -> None:
@@ -32,10 +33,11 @@ class PatchData(L.LightningDataModule):
         self.train_info, self.val_info, self.cfg = train, val, cfg
 
     def train_dataloader(self) -> DataLoader[Any]:
-        dataset = PatchDataset(self.train_info.path, augment=self.cfg.augment)
-        sampler: DistributedSampler[Any] = DistributedSampler(
-            dataset, num_replicas=self._world(), rank=self._rank(), shuffle=True, seed=self.cfg.seed
-        )
+        dataset = PatchDataset(self.train_info.path, augment=self.cfg.augment, seed=self.cfg.seed)
+        sampler = EpochShards(dataset, self._world(), self._rank(), seed=self.cfg.seed)
+        # Lightning builds the loader's first iterator (and, with workers, draws its first
+        # indices) before it calls set_epoch: a resumed run would replay epoch 0's order.
+        sampler.set_epoch(self._next_epoch())
         return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader[Any]:
@@ -45,7 +47,7 @@ class PatchData(L.LightningDataModule):
         sampler = TileShards(len(dataset), self._world(), self._rank())
         return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)  # type: ignore[arg-type]
 
-    def _loader(self, dataset: PatchDataset, sampler: DistributedSampler[Any]) -> DataLoader[Any]:
+    def _loader(self, dataset: PatchDataset, sampler: EpochShards) -> DataLoader[Any]:
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
@@ -61,6 +63,50 @@ class PatchData(L.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _next_epoch(self) -> int:
+        """The epoch that training starts with: 0, or the one after a resumed checkpoint's.
+
+        What Lightning itself passes to set_epoch at each epoch's start (`trainer.current_epoch`
+        still says the checkpoint's epoch while the loaders are built).
+        """
+        if self.trainer is None:
+            return 0
+        progress = self.trainer.fit_loop.epoch_progress.current
+        return int(getattr(progress, "processed", self.trainer.current_epoch))
+
+
+class EpochShards(Sampler[tuple[int, int]]):
+    """This rank's share of the training patches, shuffled from (seed, epoch), as `(epoch, patch)`
+    pairs: the epoch travels with each index to the worker that reads it (PatchDataset draws
+    the sample's augmentation from seed, epoch and patch).
+
+    The order is DistributedSampler's (every rank the same number of patches, a few repeated
+    when they do not divide evenly). `started` is the epoch of the latest iteration, which
+    RandomStreams checks against the trainer's.
+    """
+
+    def __init__(self, dataset: Sized, world: int, rank: int, *, seed: int) -> None:
+        self._order: DistributedSampler[Any] = DistributedSampler(
+            dataset,  # type: ignore[arg-type]  # only its length is used
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+        )
+        self.epoch = 0
+        self.started: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.started = self.epoch
+        self._order.set_epoch(epoch)
+        return iter([(epoch, int(i)) for i in self._order])
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 class TileShards(Sampler[int]):
@@ -87,28 +133,24 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
 class RandomStreams(Callback):
     """Reseed the random generators from (seed, epoch[, batch], rank) as training goes.
 
-    Each epoch's augmentation and each batch's dropout then depend on where training is, not
-    on how many random numbers earlier epochs, validation or the DataLoader drew; so a run
-    resumed from an epoch's checkpoint repeats the uninterrupted run exactly (with
-    num_workers 0: persistent DataLoader workers keep their own streams). Ranks get different
-    streams.
+    Each batch's photometric jitter and dropout then depend on where training is, not on how
+    many random numbers earlier epochs, validation or the DataLoader drew; with the samples'
+    own augmentation seeds (PatchDataset) and EpochShards' order, a run resumed from an epoch's
+    checkpoint repeats the uninterrupted run exactly, with any number of loader workers. Ranks
+    get different streams.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch_seed = self._reseed(trainer.current_epoch, trainer.global_rank)
-        # With num_workers 0 the augmentation runs in this process; PatchDataset seeds it from
-        # torch.initial_seed() when it first reads, which _reseed just made epoch_seed too.
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        augment = getattr(dataset, "augment", None)
-        if augment is not None:
-            augment.set_random_seed(epoch_seed)
+        self._reseed(trainer.current_epoch, trainer.global_rank)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if batch_idx == 0:
+            _check_order(trainer)
         # Lightning creates the epoch's DataLoader iterator (which draws a seed from torch's
         # generator) at different points in fresh and resumed runs: reseed after it, per batch.
         # (batch_idx + 1: a trailing 0 would give the epoch's own seed, SeedSequence pads with zeros.)
@@ -120,3 +162,14 @@ class RandomStreams(Callback):
         np.random.seed(seed)  # noqa: NPY002 - the global generator that libraries draw from
         torch.manual_seed(seed)
         return seed
+
+
+def _check_order(trainer: L.Trainer) -> None:
+    """The epoch's batches come in that epoch's order (a Lightning that built the iterator at
+    another point than 2.6 does could feed a resumed run another epoch's order, silently)."""
+    sampler = getattr(trainer.train_dataloader, "sampler", None)
+    if isinstance(sampler, EpochShards) and sampler.started != trainer.current_epoch:
+        raise RuntimeError(
+            f"epoch {trainer.current_epoch} is reading the training patches in epoch "
+            f"{sampler.started}'s order; a resumed run would not repeat an uninterrupted one"
+        )

@@ -7,20 +7,25 @@ Layout under `paths.models`:
   chosen by the figure the project reports;
 - `history.csv`, `mlflow_run.json`: per-epoch metrics and the MLflow run (DVC outputs);
 - `checkpoints/`: Lightning's `last.ckpt` and `best.ckpt`, plus `mlflow_run.json`, which
-  `train.resume` continues from (the training run and its MLflow run).
+  `train.resume` continues from (the training run and its MLflow run), and `fingerprint.json`,
+  the params and data they were trained with (only a checkpoint of the same ones is resumed).
 
 Only global rank 0 writes files or talks to MLflow, so a DDP run yields one run and one set of files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -36,14 +41,15 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from aerialseg.checkpoint import describe, save_checkpoint
 from aerialseg.checkpoint_io import AtomicCheckpointIO
 from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from aerialseg.config import Params, Precision, TrainConfig
+from aerialseg.config import NOT_RESULTS, Params, Precision, TrainConfig
 from aerialseg.data import SpectralJitter
 from aerialseg.datamodule import PatchData, RandomStreams
+from aerialseg.files import atomic_path
 from aerialseg.inference import predict_probabilities
 from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
-from aerialseg.patches import PatchFileInfo, read_patch_info, read_tile_file_info
+from aerialseg.patches import PatchFileInfo, open_h5, read_patch_info, read_tile_file_info
 from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
     HARDWARE_TAG,
@@ -73,6 +79,7 @@ MONITOR = "val_mean_f1"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 RUN_REF = "mlflow_run.json"
+FINGERPRINT = "fingerprint.json"
 HISTORY_KEY = "aerialseg_history"
 VAL_SCORES = ("overall_accuracy", "kappa", "mean_f1", "miou", "mean_f1_5", "miou_5")
 """Logged per epoch as val_<key>, and for the published epoch as selected_val_<key>."""
@@ -356,21 +363,21 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     )
     out = params.paths.models
     ckpt_dir = out / CHECKPOINT_DIR
-    resume_from, run_id = _resume_point(ckpt_dir, cfg.resume)
+    # Everything that shapes the model; evaluate.* goes on the run as tags when `evaluate` runs.
+    logged = {
+        **flatten(params.model_dump(mode="json", exclude={"evaluate"})),
+        **{f"validation.{k}": v for k, v in vars(task.validation).items()},
+        "train.precision_resolved": precision,
+        "train.class_weights_resolved": class_weights,
+    }
+    fingerprint = run_fingerprint(logged, [train_info.path, val_info.path])
+    point = _resume_point(ckpt_dir, cfg.resume, fingerprint)
+    resume_from, run_id = point.checkpoint, point.run_id
     logger = _run_logger(params, run_id)
     if run_id is None:
-        # Everything that shapes the model; evaluate.* goes on the run as tags when `evaluate` runs.
-        # A resumed run keeps the parameters it was started with (MLflow refuses to change them).
-        logged = flatten(params.model_dump(mode="json", exclude={"evaluate"}))
-        validation = {f"validation.{k}": v for k, v in vars(task.validation).items()}
-        logger.log_hyperparams(
-            {
-                **logged,
-                **validation,
-                "train.precision_resolved": precision,
-                "train.class_weights_resolved": class_weights,
-            }
-        )
+        # A resumed run keeps the parameters it was started with (MLflow refuses to change them;
+        # the fingerprint made sure they are the same).
+        logger.log_hyperparams(logged)
     # Both written at the end of each training epoch, after the task has added that epoch to its
     # history. Two callbacks, because Lightning's save_last only saves when the best one changes.
     best = ModelCheckpoint(
@@ -386,6 +393,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         # Lightning's bar on a terminal; one plain line per epoch in logs (DVC, Slurm).
         training_progress_bar(),
         RunReference(logger, ckpt_dir / RUN_REF, params.tracking.experiment, log_world_size=run_id is None),
+        Fingerprint(ckpt_dir / FINGERPRINT, fingerprint),
         *callbacks,
     ]
     if cfg.scheduler != "none":
@@ -393,7 +401,8 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     if cfg.early_stopping_patience is not None:
         all_callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience))
     trainer = L.Trainer(
-        max_epochs=cfg.epochs,
+        # A finished run's checkpoint (early stopping included) is restored without training on.
+        max_epochs=point.finished_epochs or cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
@@ -475,20 +484,187 @@ def _run_logger(params: Params, run_id: str | None) -> Logger:
     )
 
 
-def _resume_point(ckpt_dir: Path, resume: bool) -> tuple[Path | None, str | None]:
-    """(checkpoint to resume from, MLflow run id to continue); (None, None) for a fresh run.
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where `train` starts: nothing (a fresh run), or a checkpoint and the MLflow run to continue.
 
+    finished_epochs: set when the checkpoint's run already ended (all its epochs, or early
+    stopping): it is restored and published again, nothing is trained.
+    """
+
+    checkpoint: Path | None = None
+    run_id: str | None = None
+    finished_epochs: int | None = None
+
+
+def _resume_point(ckpt_dir: Path, resume: bool, fingerprint: dict[str, Any]) -> ResumePoint:
+    """With `resume`, `last.ckpt` and its MLflow run when its `fingerprint.json` is `fingerprint`
+    (the same result-changing params and data); otherwise a fresh run, with one line saying why
+    a checkpoint there is not resumed.
+
+    A checkpoint of other params or data is never continued: it would publish an old model under
+    the new params and rewrite the old run's lineage, or fail on MLflow's params or the state dict.
     A fresh run clears the directory: DVC keeps it between runs (persist), and stale
     `last.ckpt`/`best.ckpt` files would make Lightning write `last-v1.ckpt` beside them.
     """
     last = ckpt_dir / LAST_CHECKPOINT
-    if resume and last.exists():
-        ref = ckpt_dir / RUN_REF
-        return last, RunRef.load(ref).run_id if ref.exists() else None
     # Before the trainer exists, rank_zero_only.rank comes from the launcher's environment.
-    if getattr(rank_zero_only, "rank", 0) == 0:
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    if resume:
+        # The fingerprint first, then the checkpoint: rank 0 of a fresh run removes the checkpoint
+        # before its own fingerprint is written, so no rank resumes a checkpoint being removed.
+        differs = _fingerprint_differs(ckpt_dir / FINGERPRINT, fingerprint)
+        if last.exists() and differs is None:
+            ref = ckpt_dir / RUN_REF
+            run_id = RunRef.load(ref).run_id if ref.exists() else None
+            finished = _finished_epochs(last, int(fingerprint["params"]["train.epochs"]))
+            if finished is not None and rank_zero:
+                print(
+                    f"train.resume: {last} finished its {finished} epochs with these params and data: "
+                    "nothing to train, publishing it again under its MLflow run",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return ResumePoint(last, run_id, finished)
+        if last.exists() and rank_zero:
+            print(f"train.resume: {last} {differs}: starting a new run", file=sys.stderr, flush=True)
+    if rank_zero:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return None, None
+    return ResumePoint()
+
+
+class Fingerprint(Callback):
+    """Rank 0 writes the run's fingerprint (`run_fingerprint`) beside the checkpoints when training
+    starts, before the first checkpoint: `train.resume` continues only a checkpoint whose
+    fingerprint is that of the new run."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        self.path, self.fingerprint = path, fingerprint
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
+
+
+def run_fingerprint(logged: dict[str, Any], files: Sequence[Path]) -> dict[str, Any]:
+    """What a run's result depends on: its logged params that can change it (not those of
+    config.NOT_RESULTS, nor `paths.*`: where the files are is not what they hold), and a digest
+    of each input file's content (`file_digest`), by file name."""
+
+    def counts(key: str) -> bool:
+        return not any(key == name or key.startswith(f"{name}.") for name in (*NOT_RESULTS, "paths"))
+
+    # Through JSON, so that the values compare equal to those read back from fingerprint.json.
+    result = json.loads(json.dumps({k: v for k, v in logged.items() if counts(k)}, default=str))
+    return {"params": result, "data": {Path(f).name: file_digest(Path(f)) for f in files}}
+
+
+DIGEST_BYTES = 16 * 2**20
+"""A dataset up to this size is digested whole; a larger one by DIGEST_CHUNKS of its chunks."""
+DIGEST_CHUNKS = 32
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of an HDF5 file's content, without reading a large file whole: its attributes,
+    every dataset's name, type and shape, and each dataset's values - whole up to DIGEST_BYTES,
+    else DIGEST_CHUNKS of its chunks spread evenly (the first and the last included). Independent
+    of modification times and of how the file was copied (`dvc checkout`, a copy, a link)."""
+    digest = hashlib.sha256()
+
+    def add(*parts: Any) -> None:
+        for part in parts:
+            digest.update(part if isinstance(part, bytes) else repr(part).encode())
+
+    with open_h5(path) as h5:
+        for name in sorted(h5.attrs):
+            value = np.asarray(h5.attrs[name])
+            add(name, value.dtype.str, value.shape, value.tobytes())
+        datasets: list[str] = []
+        h5.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in sorted(datasets):
+            ds = h5[name]
+            add(name, ds.dtype.str, ds.shape)
+            for block in _digest_blocks(ds):
+                add(np.ascontiguousarray(ds[block]).tobytes())
+    return digest.hexdigest()
+
+
+def _digest_blocks(ds: h5py.Dataset) -> list[tuple[slice, ...]]:
+    """The parts of `ds` that file_digest reads: all of it, or DIGEST_CHUNKS chunks spread evenly."""
+    whole = tuple(slice(0, n) for n in ds.shape)
+    if ds.nbytes <= DIGEST_BYTES or ds.chunks is None or ds.size == 0:
+        return [whole]
+    grid = [-(-n // c) for n, c in zip(ds.shape, ds.chunks, strict=True)]
+    picks = np.unique(np.linspace(0, int(np.prod(grid)) - 1, DIGEST_CHUNKS).round().astype(np.int64))
+    blocks = []
+    for pick in picks:
+        corner = np.unravel_index(int(pick), grid)
+        blocks.append(
+            tuple(
+                slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(corner, ds.chunks, ds.shape, strict=True)
+            )
+        )
+    return blocks
+
+
+def _fingerprint_differs(path: Path, fingerprint: dict[str, Any]) -> str | None:
+    """None when `path` holds `fingerprint`; else what differs, as the rest of a sentence about
+    the checkpoint (`was trained with train.lr 0.001 (now 0.01)`)."""
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        return f"has no {path.name} beside it (its params and data are unknown)"
+    except (OSError, ValueError) as err:
+        return f"has an unreadable {path.name} beside it ({err})"
+    if (
+        not isinstance(old, dict)
+        or not isinstance(old.get("params"), dict)
+        or not isinstance(old.get("data"), dict)
+    ):
+        return f"has an unreadable {path.name} beside it (not a fingerprint)"
+    before, now = old["params"], fingerprint["params"]
+    changed = [
+        f"{key} {_shown(before.get(key))} (now {_shown(now.get(key))})"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
+    ]
+    if len(changed) > 3:
+        changed = [*changed[:3], f"{len(changed) - 3} more"]
+    files = sorted(
+        name
+        for name in old["data"].keys() | fingerprint["data"].keys()
+        if old["data"].get(name) != fingerprint["data"].get(name)
+    )
+    reasons = []
+    if changed:
+        reasons.append("was trained with " + ", ".join(changed))
+    if files:
+        reasons.append(f"was trained on other patches ({', '.join(files)} not the same)")
+    return " and ".join(reasons) or None
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
+def _finished_epochs(last: Path, epochs: int) -> int | None:
+    """The number of epochs `last` holds when its run ended (all `epochs`, or stopped early); None
+    when there is training left to do."""
+    try:
+        payload = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        done = int(payload["epoch"]) + 1
+    except Exception as err:  # a truncated or foreign file: say which, never a pickling lecture
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{last}: not a readable Lightning checkpoint ({detail}); "
+            "delete it, or set train.resume false to start a new run"
+        ) from err
+    stopped = any(
+        key.startswith("EarlyStopping") and isinstance(state, dict) and state.get("stopped_epoch", 0) > 0
+        for key, state in payload.get("callbacks", {}).items()
+    )
+    return done if done >= epochs or stopped else None
 
 
 def _selected_network(task: SegmentationTask, args: dict[str, Any], best: str) -> tuple[nn.Module, float]:
