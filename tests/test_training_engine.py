@@ -220,7 +220,7 @@ def _params(patches_dir: Path, models: Path, **train_cfg: Any) -> Params:
         {
             "paths": {"patches": str(patches_dir), "models": str(models)},
             "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size": 64},
+            "patches": {"size_px": 64},
             "model": {"encoder": "resnet18"},
             "train": {
                 "epochs": 1,
