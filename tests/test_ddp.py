@@ -110,6 +110,7 @@ def test_two_process_cpu_ddp_training(patches_dir: Path, tmp_path: Path) -> None
     ]
     assert sorted(p.name for p in (models / "checkpoints").iterdir()) == [
         "best.ckpt",
+        "fingerprint.json",
         "last.ckpt",
         "mlflow_run.json",
     ]

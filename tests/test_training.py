@@ -59,7 +59,12 @@ def test_train_writes_checkpoint_history_and_one_mlflow_run(
     assert meta["metrics"]["epoch"] == best_epoch
     assert meta["metrics"]["val_mean_f1"] == pytest.approx(history["val_mean_f1"].max())
     checkpoints = tmp_path / "models" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt", "mlflow_run.json"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "best.ckpt",
+        "fingerprint.json",
+        "last.ckpt",
+        "mlflow_run.json",
+    ]
     assert meta["bands"] == ["ir", "r", "g", "dsm"] and meta["patch_size"] == 64
     assert meta["config"]["train"]["precision"] == precision
     with torch.no_grad():
