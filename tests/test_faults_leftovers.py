@@ -359,3 +359,37 @@ def test_train_gives_the_trainer_the_atomic_checkpoint_io(
     with pytest.raises(Built):
         train(params)
     assert [type(p) for p in built["plugins"]] == [AtomicCheckpointIO]
+
+
+# --- the params a stage ran with are the ones DVC records ----------------------------------------
+
+
+def test_a_stage_whose_params_change_while_it_runs_fails(tiled: Path, tmp_path: Path) -> None:
+    """As when a second `dvc exp run` writes its -S values into params.yaml under a running stage."""
+    params = tiled / "params.yaml"
+    original = params.read_text()
+    log = tmp_path / "tiles.log"
+    stage = _start(tiled, [sys.executable, "pipeline/tiles.py"], log)
+    try:
+        _wait_for_writing(tiled, stage, log)
+        params.write_text(original + "# a comment changes no value\n")
+        time.sleep(0.2)
+        params.write_text(original.replace("seed: 0", "seed: 7", 1))
+        assert stage.wait(timeout=240) == 1
+    finally:
+        params.write_text(original)
+    lines = log.read_text().strip().splitlines()
+    assert lines[-2].startswith("tiles: params.yaml changed while this stage ran (another `dvc exp run`")
+    assert "dvc exp run --queue" in lines[-2]
+
+
+def test_only_values_count_as_a_change_of_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aerialseg.stage import _params_digest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  seed: 0\n")
+    before = _params_digest()
+    (tmp_path / "params.yaml").write_text("# comments and layout are not values\ntrain: {seed: 0}\n")
+    assert _params_digest() == before
+    (tmp_path / "params.yaml").write_text("train:\n  seed: 1\n")
+    assert _params_digest() != before

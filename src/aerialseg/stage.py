@@ -14,10 +14,17 @@ Every `pipeline/*.py` script runs its `main()` through `run_stage`:
   SIGTERM within a second of its parent's end (or of the end of DVC above a `sh -c` wrapper),
   and SIGKILL if it is still running a minute later. Not under `nohup` (SIGHUP ignored): that
   asks to outlive the caller.
+- **The params a stage ran with are the params DVC records.** DVC writes a stage's params into
+  `dvc.lock` when the stage ends, reading `params.yaml` again; a second `dvc exp run` started
+  meanwhile writes its `-S` values into that file first, and the first run would be recorded with
+  values it never trained with. A stage whose `params.yaml` changed while it ran fails instead, so
+  DVC records nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -26,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+
+import yaml
 
 TRACEBACK_ENV = "AERIALSEG_TRACEBACK"
 """Set to 1 to see the full traceback of a stage's error."""
@@ -41,6 +50,13 @@ TERMINATED_STATUS = 128 + signal.SIGTERM
 
 SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
 """Shells that may stand between DVC and the stage (`$SHELL -c <cmd>`, when they do not exec it)."""
+
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsChangedError(RuntimeError):
+    """params.yaml changed while a stage ran: its outputs belong to the old values."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -61,7 +77,15 @@ def run_stage(main: Callable[[], None]) -> None:
     _handle_sigterm()
     _watch_parent(stage)
     try:
+        before = _params_digest()
         main()
+        if _params_digest() != before:
+            raise ParamsChangedError(
+                f"{PARAMS_FILE} changed while this stage ran (another `dvc exp run`, or an edit?): its "
+                "outputs were made with the old values, and DVC would record the new ones; run "
+                "`dvc repro` again. Run experiments in parallel with `dvc exp run --queue` and "
+                "`dvc queue start`, or in separate git worktrees"
+            )
     except BaseException as err:
         if _terminating:
             print(f"{stage}: stopped by SIGTERM", file=sys.stderr)
@@ -70,11 +94,22 @@ def run_stage(main: Callable[[], None]) -> None:
             raise
         if not isinstance(err, Exception) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        kind = "" if isinstance(err, ValueError | OSError | KeyError) else f"{type(err).__name__}: "
+        ours = ValueError | OSError | KeyError | ParamsChangedError
+        kind = "" if isinstance(err, ours) else f"{type(err).__name__}: "
         message = str(err).strip() or type(err).__name__
         print(f"{stage}: {kind}{message}", file=sys.stderr)
         print(f"({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _params_digest() -> str | None:
+    """sha256 of the values in params.yaml of the working directory (the stage's project root), as
+    DVC compares them: comments and layout do not count. None without a readable file."""
+    try:
+        values = yaml.safe_load(PARAMS_FILE.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
