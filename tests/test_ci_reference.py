@@ -21,13 +21,25 @@ pytestmark = pytest.mark.slow
 
 EXPECTED = Path(__file__).parent / "expected" / "ci_metrics.json"
 FIGURES = ("overall_accuracy", "kappa", "mean_f1", "miou", "mean_f1_5", "miou_5", "overall_accuracy_full")
-TOLERANCE = 0.02
-"""Largest allowed |difference| per figure (absolute, figures in [0, 1]). Measured on the `ci`
-preset (AMD EPYC with AVX512-BF16, 2 cores): the same machine repeats every figure exactly
-(deterministic fp32); forcing the AVX2 code paths of ATen and oneDNN (ATEN_CPU_CAPABILITY=avx2,
-ONEDNN_MAX_CPU_ISA=AVX2), as on AVX2-only machines, moved them by at most 0.0046, and one thread
-instead of two by at most 0.0065 (both mean F1 over 5 classes). 0.02 leaves 3x room above that and
-stays far below what a real regression costs."""
+TOLERANCE = {
+    "overall_accuracy": 0.01,
+    "kappa": 0.015,
+    "overall_accuracy_full": 0.015,
+    "mean_f1": 0.06,
+    "miou": 0.04,
+    "mean_f1_5": 0.06,
+    "miou_5": 0.05,
+}
+"""Largest allowed |difference| per figure (absolute; figures in [0, 1]), about 2x the largest
+difference measured on the `ci` preset (AMD EPYC with AVX512-BF16, 2 cores): the same machine
+repeats every figure exactly (deterministic fp32); other CPU code paths and thread counts do not.
+Largest differences seen, over ATen/oneDNN forced to AVX2 (ATEN_CPU_CAPABILITY=avx2,
+ONEDNN_MAX_CPU_ISA=AVX2, as on AVX2-only machines), oneDNN forced to SSE4.1, and one thread
+instead of two: overall accuracy 0.004, kappa 0.0065, OA full reference 0.0059, mean F1 0.024,
+mIoU 0.017, mean F1 (5 classes) 0.030, mIoU (5 classes) 0.021, all from one thread. The means
+move most: the test tile holds only 413 impervious pixels, whose F1 swings by 0.1 between runs.
+A regression that matters (half the training, a broken label mapping) moves overall accuracy by
+far more than 0.01."""
 
 
 def _figures(metrics: dict[str, object]) -> dict[str, float]:
@@ -55,11 +67,11 @@ def test_the_ci_preset_reproduces_the_committed_figures(tmp_path: Path) -> None:
     off = {
         k: (got[k], expected["figures"][k])
         for k in FIGURES
-        if abs(got[k] - expected["figures"][k]) > TOLERANCE
+        if abs(got[k] - expected["figures"][k]) > TOLERANCE[k]
     }
     assert not off, (
-        f"figures differ from tests/expected/ci_metrics.json (made on {expected['machine']}) by more than "
-        f"{TOLERANCE}: {off} (measured, committed); if a change is meant to move them: make ci-reference"
+        f"figures differ from tests/expected/ci_metrics.json (made on {expected['machine']}) by more "
+        f"than TOLERANCE: {off} (measured, committed); if a change is meant to move them: make ci-reference"
     )
     # The committed run learned something: far above always predicting the majority class.
     scores = json.loads((project / "reports" / "scores.json").read_text())
