@@ -29,9 +29,12 @@ from aerialseg.files import host_tag, temp_name
 HOST = host_tag()
 SLOW_TILES: dict[str, dict[str, Any]] = {
     **TINY,
-    # Four 512 px areas with the derived nDSM band: `tiles` writes for a few seconds.
-    "synthetic": {"tiles": 4, "size_px": 512},
+    # Eight 1024 px areas with the derived nDSM band: `tiles` writes for a few seconds even on a
+    # quiet, fast machine (0.3 s an area here), well above the watchdog's 0.2 s poll. Patches
+    # without overlap keep `patches` small (16 MB an area).
+    "synthetic": {"tiles": 8, "size_px": 1024},
     "data": {**TINY["data"], "bands": ["ir", "r", "g", "dsm", "ndsm"]},
+    "patches": {"size_px": 256, "overlap": 0.0},
 }
 
 

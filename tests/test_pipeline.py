@@ -205,7 +205,9 @@ def _another(value: Any) -> Any:
     return "x" if value is None else f"{value}x"
 
 
-def test_the_run_cache_sees_every_param_of_every_stage_it_caches(project: Path) -> None:
+def test_the_run_cache_sees_every_param_of_every_stage_it_caches(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DVC's run cache restores a stage's outputs for params it has run with before; a param it
     cannot see (DVC strips keys named `size` or `nfiles` from the hash) would restore stale ones."""
     from dvc.dependency.param import ParamsDependency
@@ -224,6 +226,7 @@ def test_the_run_cache_sees_every_param_of_every_stage_it_caches(project: Path) 
         return str(_get_cache_hash(to_single_stage_lockfile(stage), key=True))
 
     checked = []
+    monkeypatch.chdir(project)  # DVC resolves a stage's paths from the working directory
     try:
         with Repo(str(project)) as repo:
             for name in ("scenes", "tiles", "patches", "train", "evaluate"):

@@ -11,7 +11,7 @@ Every `pipeline/*.py` script runs its `main()` through `run_stage`:
 - **A stage stops when the process that started it is gone.** SIGTERM to `dvc` alone (what
   `timeout dvc repro` and many schedulers send) ends DVC and releases its lock; a stage that went
   on would write `models/` and an MLflow run nobody waits for. A watchdog thread sends the stage
-  SIGTERM within a second of its parent's end (or of the end of DVC above a `sh -c` wrapper),
+  SIGTERM within 0.2 s of its parent's end (or of the end of DVC above a `sh -c` wrapper),
   and SIGKILL if it is still running a minute later. Not under `nohup` (SIGHUP ignored): that
   asks to outlive the caller.
 - **The params a stage ran with are the params DVC records.** DVC writes a stage's params into
@@ -39,7 +39,7 @@ import yaml
 TRACEBACK_ENV = "AERIALSEG_TRACEBACK"
 """Set to 1 to see the full traceback of a stage's error."""
 
-PARENT_POLL_SECONDS = 1.0
+PARENT_POLL_SECONDS = 0.2
 """How often the watchdog checks that the stage's parent is still there."""
 
 ORPHAN_GRACE_SECONDS = 60.0
