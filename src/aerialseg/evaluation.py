@@ -53,7 +53,7 @@ from aerialseg.reports import (
     save_label_png,
     write_per_class_csv,
 )
-from aerialseg.tracking import RunRef, check_tracking_store, log_lineage, reopen
+from aerialseg.tracking import RunRef, check_tracking_store, log_lineage, reopen, set_alias_to_run
 
 SUMMARY_KEYS = (
     "overall_accuracy",
@@ -417,3 +417,7 @@ def _log_to_mlflow(
                 mlflow.log_artifact(str(out / name), artifact_path="evaluation")
         for folder in ("predictions", "overlays"):
             mlflow.log_artifacts(str(out / folder), artifact_path=f"evaluation/{folder}")
+        # Only now, with the test figures logged: the alias never names a model that failed or
+        # was not evaluated (train registers the version, it does not move the alias).
+        if params.tracking.registered_model:
+            set_alias_to_run(ref.run_id, params.tracking.registered_model, params.tracking.alias)

@@ -8,7 +8,9 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -24,6 +26,11 @@ MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "numpy")
 DVC_LOCK = Path("dvc.lock")
 HARDWARE_TAG = "hardware"
 LINEAGE_TAG_PREFIX = "dvc."
+OWNER_HOST_TAG = "aerialseg.host"
+OWNER_PID_TAG = "aerialseg.pid"
+OWNER_START_TAG = "aerialseg.pid_start"
+"""Which process trains a run (rank 0's host, pid and the pid's start time, in clock ticks after
+boot, where /proc has it): a RUNNING run whose process on this host is gone was killed."""
 
 
 def tracking_uri() -> str:
@@ -218,8 +225,9 @@ def log_model(
     alias: str | None = None,
 ) -> str:
     """Log `model` (a torch module) to the run as `model`, with `metadata` (checkpoint.describe)
-    so that `aerialseg predict` can feed it from the URI alone; register it and move `alias` to
-    the new version when `registered_model` is set. Returns the model URI to load it from."""
+    so that `aerialseg predict` can feed it from the URI alone; register it when `registered_model`
+    is set, and move `alias` to the new version when `alias` is set too (`train` passes none: the
+    alias moves once `evaluate` has tested the model, `set_alias_to_run`). Returns the model URI."""
     import mlflow
     import numpy as np
     import torch
@@ -250,6 +258,126 @@ def log_model(
             registered_model, alias, str(info.registered_model_version)
         )
     return str(info.model_uri)
+
+
+def set_alias_to_run(run_id: str, registered_model: str, alias: str) -> str | None:
+    """Move `alias` of `registered_model` to the newest version logged by run `run_id`; returns that
+    version, or None (and leaves the alias) when the run registered none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    versions = [
+        int(v.version)
+        for v in client.search_model_versions(f"run_id='{run_id}'")
+        if v.name == registered_model and v.status == "READY"
+    ]
+    if not versions:
+        return None
+    client.set_registered_model_alias(registered_model, alias, str(max(versions)))
+    return str(max(versions))
+
+
+def owner_tags() -> dict[str, str]:
+    """OWNER_*_TAG of this process, for the run it trains."""
+    tags = {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())}
+    start = _process_start(os.getpid())
+    if start is not None:
+        tags[OWNER_START_TAG] = start
+    return tags
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first); None without /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text[text.rfind(")") + 2 :].split()
+
+
+def _process_start(pid: int) -> str | None:
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def owner_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process that `tags` (owner_tags) name still runs; None when that cannot be told
+    from here: no owner tags (a run of an older version), or another host's process."""
+    host, pid_text = tags.get(OWNER_HOST_TAG), tags.get(OWNER_PID_TAG, "")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # never judge this process's own runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: the pid exists, that is all one can tell
+    if fields[0] in ("Z", "X"):
+        return False  # exited, not yet reaped by its parent
+    start = tags.get(OWNER_START_TAG)
+    return start is None or len(fields) <= 19 or fields[19] == start  # else: the pid was reused
+
+
+def end_dead_runs(experiment: str, keep: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of `experiment` whose owner (owner_tags) on this host is gone,
+    except run `keep` (the one `train.resume` continues); then mark FAILED the logged models left
+    PENDING (a kill while `log_model` uploaded them) by runs that no longer run. Returns the ids of
+    the runs ended. Runs of other hosts and untagged runs are left alone."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient(tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    ended = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token
+        )
+        for run in page:
+            if run.info.run_id != keep and owner_alive(run.data.tags) is False:
+                client.set_terminated(run.info.run_id, "KILLED")
+                ended.append(run.info.run_id)
+        token = page.token
+        if not token:
+            break
+    if ended:
+        print(
+            f"MLflow: marked KILLED {len(ended)} run(s) of {experiment!r} whose process is gone: "
+            + ", ".join(ended),
+            file=sys.stderr,
+            flush=True,
+        )
+    token = None
+    while True:
+        models = client.search_logged_models([found.experiment_id], max_results=1000, page_token=token)
+        for model in models:
+            if model.status != LoggedModelStatus.PENDING or not model.source_run_id:
+                continue
+            if model.source_run_id == keep or _status(client, model.source_run_id) != "RUNNING":
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        token = models.token
+        if not token:
+            break
+    return ended
+
+
+def _status(client: Any, run_id: str) -> str | None:
+    """The run's status; None for a run the store no longer has."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_run(run_id).info.status)
+    except MlflowException:
+        return None
 
 
 def lock_entries(stages: Iterable[str], lock: Path = DVC_LOCK) -> dict[str, Any]:

@@ -15,12 +15,13 @@ Only global rank 0 writes files or talks to MLflow, so a DDP run yields one run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,12 @@ from aerialseg.tracking import (
     HARDWARE_TAG,
     RunRef,
     check_tracking_store,
+    end_dead_runs,
     flatten,
     hardware_tag,
     log_lineage,
     log_model,
+    owner_tags,
     run_name,
     run_tags,
     tracking_uri,
@@ -373,94 +376,115 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     fingerprint = run_fingerprint(logged, [train_info.path, val_info.path])
     point = _resume_point(ckpt_dir, cfg.resume, fingerprint)
     resume_from, run_id = point.checkpoint, point.run_id
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    if rank_zero:
+        # A run killed before (SIGKILL, a lost node) ends KILLED here at the latest; not the one
+        # this run continues.
+        end_dead_runs(params.tracking.experiment, keep=run_id)
     logger = _run_logger(params, run_id)
-    if run_id is None:
-        # A resumed run keeps the parameters it was started with (MLflow refuses to change them;
-        # the fingerprint made sure they are the same).
-        logger.log_hyperparams(logged)
-    # Both written at the end of each training epoch, after the task has added that epoch to its
-    # history. Two callbacks, because Lightning's save_last only saves when the best one changes.
-    best = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max", save_on_train_epoch_end=True
-    )
-    last = ModelCheckpoint(
-        dirpath=ckpt_dir, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_on_train_epoch_end=True
-    )
-    all_callbacks: list[Callback] = [
-        best,
-        last,
-        RandomStreams(cfg.seed),
-        # Lightning's bar on a terminal; one plain line per epoch in logs (DVC, Slurm).
-        training_progress_bar(),
-        RunReference(logger, ckpt_dir / RUN_REF, params.tracking.experiment, log_world_size=run_id is None),
-        Fingerprint(ckpt_dir / FINGERPRINT, fingerprint),
-        *callbacks,
-    ]
-    if cfg.scheduler != "none":
-        all_callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    if cfg.early_stopping_patience is not None:
-        all_callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience))
-    trainer = L.Trainer(
-        # A finished run's checkpoint (early stopping included) is restored without training on.
-        max_epochs=point.finished_epochs or cfg.epochs,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=precision,  # type: ignore[arg-type]
-        logger=logger,
-        callbacks=all_callbacks,
-        limit_train_batches=cfg.limit_train_batches or 1.0,
-        log_every_n_steps=1,
-        # No sanity check: it would predict a whole val tile before training, for nothing.
-        num_sanity_val_steps=0,
-        deterministic=resolve_deterministic(cfg.deterministic, cfg.accelerator),  # type: ignore[arg-type]
-        use_distributed_sampler=False,  # PatchData shards the patches itself
-        default_root_dir=str(out),
-        # Checkpoints written beside their final name and renamed when complete, not via $TMPDIR.
-        plugins=[AtomicCheckpointIO()],
-    )
-    started = time.perf_counter()
-    trainer.fit(
-        task,
-        datamodule=PatchData(train_info, val_info, cfg),
-        ckpt_path=str(resume_from) if resume_from else None,
-    )
-    seconds = time.perf_counter() - started
-    final = {**(task.history[-1] if task.history else {}), "train_seconds": seconds}
-    # Rank 0 only, and nothing in here may be a collective call: the other ranks have left.
-    if trainer.is_global_zero:
-        assert isinstance(logger, MLFlowLogger)
-        logger.log_metrics({"train_seconds": seconds})
-        network, epoch = _selected_network(task, args, best.best_model_path)
-        selected = next((row for row in task.history if row["epoch"] == epoch), final)
-        # The figures that chose the published model, for the leaderboard to rank by.
-        logger.log_metrics(
-            {
-                "selected_epoch": epoch,
-                **{f"selected_val_{k}": selected[f"val_{k}"] for k in VAL_SCORES if f"val_{k}" in selected},
-            }
+    clock = TrainClock(logger, _previous_seconds(run_id) if rank_zero else 0.0)
+    with _run_status(logger, clock):
+        if run_id is None:
+            # A resumed run keeps the parameters it was started with (MLflow refuses to change them;
+            # the fingerprint made sure they are the same).
+            logger.log_hyperparams(logged)
+        elif isinstance(logger, MLFlowLogger):
+            # This process owns the run now, and it runs again until _run_status ends it.
+            for key, value in owner_tags().items():
+                logger.experiment.set_tag(run_id, key, value)
+            logger.experiment.update_run(run_id, status="RUNNING")
+        # Both written at the end of each training epoch, after the task has added that epoch to its
+        # history. Two callbacks, because Lightning's save_last only saves when the best one changes.
+        best = ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max", save_on_train_epoch_end=True
         )
-        save_checkpoint(
-            out / "model.ckpt",
-            network,
-            args,
-            bands=train_info.bands,
-            stats=train_info.stats,
-            patch_size=train_info.size,
-            config=params.model_dump(mode="json"),
-            metrics={**selected, "train_seconds": seconds},
+        last = ModelCheckpoint(
+            dirpath=ckpt_dir, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_on_train_epoch_end=True
         )
-        pd.DataFrame(task.history).to_csv(out / "history.csv", index=False)
-        assert logger.run_id is not None and logger.experiment_id is not None
-        RunRef(logger.run_id, logger.experiment_id, params.tracking.experiment).save(out / RUN_REF)
-        log_model(
-            logger.run_id,
-            network,
-            describe(args, bands=train_info.bands, stats=train_info.stats, patch_size=train_info.size),
-            registered_model=params.tracking.registered_model,
-            alias=params.tracking.alias,
+        all_callbacks: list[Callback] = [
+            best,
+            last,
+            RandomStreams(cfg.seed),
+            # Lightning's bar on a terminal; one plain line per epoch in logs (DVC, Slurm).
+            training_progress_bar(),
+            RunReference(
+                logger, ckpt_dir / RUN_REF, params.tracking.experiment, log_world_size=run_id is None
+            ),
+            Fingerprint(ckpt_dir / FINGERPRINT, fingerprint),
+            clock,
+            *callbacks,
+        ]
+        if cfg.scheduler != "none":
+            all_callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        if cfg.early_stopping_patience is not None:
+            all_callbacks.append(
+                EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience)
+            )
+        trainer = L.Trainer(
+            # A finished run's checkpoint (early stopping included) is restored without training on.
+            max_epochs=point.finished_epochs or cfg.epochs,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
+            precision=precision,  # type: ignore[arg-type]
+            logger=logger,
+            callbacks=all_callbacks,
+            limit_train_batches=cfg.limit_train_batches or 1.0,
+            log_every_n_steps=1,
+            # No sanity check: it would predict a whole val tile before training, for nothing.
+            num_sanity_val_steps=0,
+            deterministic=resolve_deterministic(cfg.deterministic, cfg.accelerator),  # type: ignore[arg-type]
+            use_distributed_sampler=False,  # PatchData shards the patches itself
+            default_root_dir=str(out),
+            # Checkpoints written beside their final name and renamed when complete, not via $TMPDIR.
+            plugins=[AtomicCheckpointIO()],
         )
+        clock.start()
+        trainer.fit(
+            task,
+            datamodule=PatchData(train_info, val_info, cfg),
+            ckpt_path=str(resume_from) if resume_from else None,
+        )
+        seconds = clock.total()
+        final = {**(task.history[-1] if task.history else {}), "train_seconds": seconds}
+        # Rank 0 only, and nothing in here may be a collective call: the other ranks have left.
+        if trainer.is_global_zero:
+            assert isinstance(logger, MLFlowLogger)
+            logger.log_metrics({"train_seconds": seconds})
+            network, epoch = _selected_network(task, args, best.best_model_path)
+            selected = next((row for row in task.history if row["epoch"] == epoch), final)
+            # The figures that chose the published model, for the leaderboard to rank by.
+            logger.log_metrics(
+                {
+                    "selected_epoch": epoch,
+                    **{
+                        f"selected_val_{k}": selected[f"val_{k}"]
+                        for k in VAL_SCORES
+                        if f"val_{k}" in selected
+                    },
+                }
+            )
+            save_checkpoint(
+                out / "model.ckpt",
+                network,
+                args,
+                bands=train_info.bands,
+                stats=train_info.stats,
+                patch_size=train_info.size,
+                config=params.model_dump(mode="json"),
+                metrics={**selected, "train_seconds": seconds},
+            )
+            pd.DataFrame(task.history).to_csv(out / "history.csv", index=False)
+            assert logger.run_id is not None and logger.experiment_id is not None
+            RunRef(logger.run_id, logger.experiment_id, params.tracking.experiment).save(out / RUN_REF)
+            log_model(
+                logger.run_id,
+                network,
+                describe(args, bands=train_info.bands, stats=train_info.stats, patch_size=train_info.size),
+                # Registered now; the alias moves once `evaluate` has tested it.
+                registered_model=params.tracking.registered_model,
+            )
     return final
 
 
@@ -474,14 +498,73 @@ def _run_logger(params: Params, run_id: str | None) -> Logger:
     # Before the trainer exists, rank_zero_only.rank comes from the launcher's environment.
     if getattr(rank_zero_only, "rank", 0) != 0:
         return DummyLogger()
-    return MLFlowLogger(
+    return RunLogger(
         experiment_name=params.tracking.experiment,
         run_name=run_name(params.model.encoder),
         tracking_uri=tracking_uri(),
-        tags=run_tags(),
+        tags={**run_tags(), **owner_tags()},
         log_model=False,
         run_id=run_id,
     )
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger, except that the end of `fit` does not end the run: `train` ends
+    it FINISHED once the model is published (`_run_status`)."""
+
+    def finalize(self, status: str = "success") -> None:
+        if status != "success":
+            super().finalize(status)
+
+
+class TrainClock(Callback):
+    """The run's `train_seconds`: the seconds of its earlier parts (a resumed run) plus this
+    part's; logged at each epoch end too, so that the time of a part that dies is not lost."""
+
+    def __init__(self, logger: Logger, before: float) -> None:
+        self.logger, self.before = logger, before
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def total(self) -> float:
+        return self.before + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.logger.log_metrics({"train_seconds": self.total()})
+
+
+def _previous_seconds(run_id: str | None) -> float:
+    """The `train_seconds` that run `run_id` logged before (0 for a new run)."""
+    if run_id is None:
+        return 0.0
+    from mlflow import MlflowClient
+
+    return float(MlflowClient(tracking_uri()).get_run(run_id).data.metrics.get("train_seconds", 0.0))
+
+
+@contextlib.contextmanager
+def _run_status(logger: Logger, clock: TrainClock) -> Iterator[None]:
+    """End the MLflow run when the block ends: FINISHED when it completes (the model published),
+    KILLED on KeyboardInterrupt or SystemExit (Lightning's SIGTERM), FAILED on any other error."""
+    if not isinstance(logger, MLFlowLogger):
+        yield
+        return
+    try:
+        yield
+    except BaseException as err:
+        if getattr(logger, "_initialized", False) and logger.run_id is not None:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+            # Best effort: the error that ends the run is the one to report, not the store's.
+            with contextlib.suppress(Exception):
+                if clock.started is not None:
+                    logger.log_metrics({"train_seconds": clock.total()})
+                logger.experiment.set_terminated(logger.run_id, status)
+        raise
+    assert logger.run_id is not None
+    logger.experiment.set_terminated(logger.run_id, "FINISHED")
 
 
 @dataclass(frozen=True)
