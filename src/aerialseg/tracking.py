@@ -208,11 +208,14 @@ class RunRef:
 
 @contextlib.contextmanager
 def reopen(ref: RunRef) -> Iterator[Any]:
-    """Make `ref`'s run the active one again, for the duration of the block."""
+    """Make `ref`'s run the active one again, for the duration of the block; this process owns it
+    meanwhile (owner_tags), so that a `train` started in the meantime does not take the RUNNING
+    run of its dead training process for a killed one."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=ref.run_id) as run:
+        mlflow.set_tags(owner_tags())
         yield run
 
 
