@@ -208,8 +208,9 @@ class EvaluateConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = "aerialseg"
-    # Each trained model becomes a new version of this registered model, and `alias` moves to
-    # it, so `models:/<name>@<alias>` always means the newest. None: do not register.
+    # Each trained model becomes a new version of this registered model; `alias` moves to it once
+    # `evaluate` has scored it, so `models:/<name>@<alias>` is the newest evaluated model, never
+    # one whose run failed. None: do not register.
     registered_model: str | None = "aerialseg"
     alias: str = "candidate"
 
