@@ -22,11 +22,11 @@ from test_training_engine import Crash, CrashAtEpoch, _params
 
 from aerialseg.config import Params
 from aerialseg.evaluation import evaluate
+from aerialseg.processes import start_time
 from aerialseg.tracking import (
     OWNER_HOST_TAG,
     OWNER_PID_TAG,
     OWNER_START_TAG,
-    _process_start,
     set_alias_to_run,
 )
 from aerialseg.training import train
@@ -93,7 +93,7 @@ def test_the_next_train_marks_killed_the_running_runs_whose_process_is_gone(
     alive = subprocess.Popen(["sleep", "60"])
     try:
         host = socket.gethostname()
-        start = _process_start(alive.pid)
+        start = start_time(alive.pid)
         dead = _planted(store, experiment_id, **{OWNER_HOST_TAG: host, OWNER_PID_TAG: str(gone.pid)})
         living = _planted(
             store,

@@ -92,9 +92,10 @@ class SpectralJitter(nn.Module):
         return out
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of patch `index` in `epoch` of a run seeded with `seed`."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def derived_seed(seed: int, *where: int) -> int:
+    """A seed that depends only on the run's `seed` and a position in training: (epoch, patch) for
+    a patch's augmentation, (epoch, rank[, batch]) for `datamodule.RandomStreams`."""
+    return int(np.random.SeedSequence([seed, *where]).generate_state(1)[0])
 
 
 class PatchDataset(Dataset[dict[str, torch.Tensor]]):
@@ -135,7 +136,7 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
             raise h5_read_error(self.path, err, f"patch {index}") from err
         if self.augment is not None:
             if epoch is not None:
-                self.augment.set_random_seed(sample_seed(self.seed, epoch, index))
+                self.augment.set_random_seed(derived_seed(self.seed, epoch, index))
             image, mask = self._augment(image, mask)
         image = (image - self.mean) / self.std
         return {

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from aerialseg.config import TrainConfig
-from aerialseg.data import PatchDataset, ValidationTiles
+from aerialseg.data import PatchDataset, ValidationTiles, derived_seed
 from aerialseg.patches import PatchFileInfo, TileFileInfo
 
 
@@ -157,7 +157,7 @@ class RandomStreams(Callback):
         self._reseed(trainer.current_epoch, trainer.global_rank, batch_idx + 1)
 
     def _reseed(self, *where: int) -> int:
-        seed = int(np.random.SeedSequence([self.seed, *where]).generate_state(1)[0])
+        seed = derived_seed(self.seed, *where)
         random.seed(seed)
         np.random.seed(seed)  # noqa: NPY002 - the global generator that libraries draw from
         torch.manual_seed(seed)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from aerialseg.processes import pid_exists
+
 _STARTED = time.time()
 """When this process imported the module (about when the stage started)."""
 
@@ -81,7 +83,7 @@ def clean_leftovers(directory: Path) -> list[Path]:
         if match is None or match["host"] not in (None, host):
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_exists(pid):
             continue
         path = Path(entry.path)
         try:
@@ -92,18 +94,6 @@ def clean_leftovers(directory: Path) -> list[Path]:
             continue  # gone meanwhile, or not ours to remove
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    except OverflowError:
-        return False
-    return True
 
 
 def _remove(path: Path) -> None:

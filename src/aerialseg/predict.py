@@ -52,6 +52,7 @@ from aerialseg.files import atomic_path
 from aerialseg.inference import _forward as _forward_flips
 from aerialseg.model import check_input_size
 from aerialseg.progress import progress_bar
+from aerialseg.raster import gdal_detail
 from aerialseg.windows import window_grid
 
 Tta = Literal["none", "flip", "d4"]
@@ -376,7 +377,7 @@ def open_input(path: Path, meta: dict[str, Any]) -> DatasetReader:
         src = rasterio.open(path)
     except RasterioError as err:
         raise PredictError(
-            f"{path}: not a readable raster ({_first_line(err)}); expected {expected}"
+            f"{path}: not a readable raster ({gdal_detail(err)}); expected {expected}"
         ) from err
     if input_bands(src, len(meta["bands"])) is None:
         extra = ""
@@ -474,7 +475,7 @@ def _sample(src: DatasetReader, band: int, alpha: int | None, expected: str) -> 
     except RasterioError as err:
         raise PredictError(
             f"{src.name}: pixel data cannot be read (band {band}, decimated; truncated or corrupt file? "
-            f"{_first_line(err)}); {READ_AGAIN}; expected {expected}"
+            f"{gdal_detail(err)}); {READ_AGAIN}; expected {expected}"
         ) from err
     values = np.asarray(sample.data)[keep]
     return values[np.isfinite(values)]
@@ -529,7 +530,7 @@ class RasterRows:
         except RasterioError as err:
             raise PredictError(
                 f"{self.src.name}: pixel data cannot be read (rows {top}-{bottom} of {self.height}; "
-                f"truncated or corrupt file? {_first_line(err)}); {READ_AGAIN}; expected {self.expected}"
+                f"truncated or corrupt file? {gdal_detail(err)}); {READ_AGAIN}; expected {self.expected}"
             ) from err
         if self.floating:
             finite = np.isfinite(data).all(axis=0)
@@ -573,20 +574,11 @@ def _to_tile_units(
             except RasterioError as err:
                 raise PredictError(
                     f"{src.name}: pixel data cannot be read (band {index}, decimated; truncated or "
-                    f"corrupt file? {_first_line(err)}); {READ_AGAIN}"
+                    f"corrupt file? {gdal_detail(err)}); {READ_AGAIN}"
                 ) from err
         elif band == "ndsm":
             grey_ndsm.append(i)
     return scale, offset, grey_ndsm
-
-
-def _first_line(err: BaseException) -> str:
-    """GDAL's own message where rasterio wraps it ("Read failed. See previous exception ...")."""
-    cause = err.__cause__ or err.__context__
-    if cause is not None and "previous exception" in str(err):
-        return _first_line(cause)
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------- GeoTIFF output

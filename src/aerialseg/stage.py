@@ -36,6 +36,8 @@ from types import FrameType
 
 import yaml
 
+from aerialseg.processes import proc_stat, start_time
+
 TRACEBACK_ENV = "AERIALSEG_TRACEBACK"
 """Set to 1 to see the full traceback of a stage's error."""
 
@@ -156,27 +158,17 @@ def _watch(stage: str, parent: int, grandparent: int | None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat from field 3 (state) on: index 1 is the ppid, 19 the start time; None
-    where there is no such process, or no /proc."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
 def _ppid(pid: int) -> int | None:
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return int(fields[1]) if fields else None
 
 
 def _started_after(pid: int, child: int) -> bool:
     """Whether process `pid` started after process `child` (so it cannot be its parent)."""
-    mine, theirs = _stat(child), _stat(pid)
+    mine, theirs = start_time(child), start_time(pid)
     if mine is None or theirs is None:
         return False
-    return int(theirs[19]) > int(mine[19])
+    return int(theirs) > int(mine)
 
 
 def _is_shell_wrapper(pid: int) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aerialseg.files import atomic_path
+from aerialseg.processes import pid_exists, proc_stat, start_time
 
 DEFAULT_DB = "mlflow.db"
 MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "numpy")
@@ -283,24 +284,10 @@ def set_alias_to_run(run_id: str, registered_model: str, alias: str) -> str | No
 def owner_tags() -> dict[str, str]:
     """OWNER_*_TAG of this process, for the run it trains."""
     tags = {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())}
-    start = _process_start(os.getpid())
+    start = start_time(os.getpid())
     if start is not None:
         tags[OWNER_START_TAG] = start
     return tags
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first); None without /proc."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text[text.rfind(")") + 2 :].split()
-
-
-def _process_start(pid: int) -> str | None:
-    fields = _proc_stat(pid)
-    return fields[19] if fields and len(fields) > 19 else None
 
 
 def owner_alive(tags: Mapping[str, str]) -> bool | None:
@@ -312,13 +299,9 @@ def owner_alive(tags: Mapping[str, str]) -> bool | None:
     pid = int(pid_text)
     if pid == os.getpid():
         return True  # never judge this process's own runs
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_exists(pid):
         return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     if fields is None:
         return True  # no /proc: the pid exists, that is all one can tell
     if fields[0] in ("Z", "X"):
