@@ -14,8 +14,7 @@ import pytest
 from aerialseg.config import DataConfig, SyntheticConfig
 from aerialseg.datasets.isprs import build_tiles
 from aerialseg.datasets.synthetic import write_vaihingen_layout
-from aerialseg.datasets.tiles_table import read_tiles_table
-from aerialseg.patches import band_statistics, write_patches, write_validation_tiles
+from aerialseg.patches import build_patches
 
 SYNTHETIC_TILES = 4
 SYNTHETIC_SIZE = 128
@@ -61,15 +60,7 @@ def raw_copy(tmp_path: Path, synthetic_raw: Path) -> Path:
 @pytest.fixture(scope="session")
 def patches_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_tiles: Path) -> Path:
     """train.h5 of 64 px patches (overlap 0.5) and val.h5 (the val tile whole) from
-    `synthetic_tiles`. Do not modify."""
+    `synthetic_tiles`, written as the `patches` stage writes them. Do not modify."""
     out = tmp_path_factory.mktemp("patches")
-    train_tiles = read_tiles_table(synthetic_tiles, "train")
-    stats = band_statistics([synthetic_tiles / name for name in train_tiles["image"]])
-    bands = ["ir", "r", "g", "dsm"]
-    write_patches(
-        train_tiles, synthetic_tiles, out / "train.h5", size=64, overlap=0.5, stats=stats, bands=bands
-    )
-    write_validation_tiles(
-        read_tiles_table(synthetic_tiles, "val"), synthetic_tiles, out / "val.h5", stats=stats, bands=bands
-    )
+    build_patches(synthetic_tiles, out, size=64, overlap=0.5, bands=["ir", "r", "g", "dsm"])
     return out

@@ -263,3 +263,20 @@ def test_failed_write_keeps_previous_file(
 def test_read_patch_info_without_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing\.h5"):
         read_patch_info(tmp_path / "missing.h5")
+
+
+# --------------------------------------------------------------------------------------
+# build_patches: the `patches` stage's sequence (conftest's `patches_dir` is its output)
+
+
+def test_build_patches_takes_the_statistics_from_the_training_tiles_only(
+    synthetic_tiles: Path, train_stats: BandStats, patches_dir: Path
+) -> None:
+    every_tile = band_statistics(
+        [synthetic_tiles / name for name in read_tiles_table(synthetic_tiles)["image"]]
+    )
+    assert every_tile != train_stats  # the rule shows on these tiles
+    train, val = read_patch_info(patches_dir / "train.h5"), read_tile_file_info(patches_dir / "val.h5")
+    assert train.stats == val.stats == train_stats
+    assert train.tiles == ["area1", "area2"] and val.tiles == ["area3"]
+    assert (train.size, train.overlap) == (64, 0.5)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from aerialseg.classes import IGNORE_INDEX, legend
+from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.files import atomic_path
 from aerialseg.progress import progress_bar, track
 from aerialseg.raster import read_raster
@@ -303,3 +304,45 @@ def h5_dataset(h5: h5py.File, name: str) -> h5py.Dataset:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+# --------------------------------------------------------------------------------------
+# The `patches` stage's sequence, in one place for the stage script and the test fixtures
+
+
+@dataclass(frozen=True)
+class PatchesSummary:
+    """What `build_patches` wrote: `train_patches` windows of `size` px from `train_tiles` tiles in
+    `train_path`; `val_tiles` whole tiles with `val_pixels` pixels of eroded reference in `val_path`;
+    `stats`, the training tiles' band statistics both files carry."""
+
+    train_path: Path
+    train_tiles: int
+    train_patches: int
+    val_path: Path
+    val_tiles: int
+    val_pixels: int
+    size: int
+    stats: BandStats
+
+
+def build_patches(
+    tiles_dir: Path, out_dir: Path, *, size: int, overlap: float, bands: list[str]
+) -> PatchesSummary:
+    """The `patches` stage: `out_dir/train.h5` (`write_patches`: `size` x `size` px windows of the
+    training tiles, `overlap` a fraction of `size`) and `out_dir/val.h5` (`write_validation_tiles`:
+    the validation tiles whole), both from the `tiles` stage's output in `tiles_dir` (tiles.csv).
+
+    The band statistics come from the training tiles only: nothing of the validation or test tiles
+    may shape the inputs. Raises what `read_tiles_table`, `band_statistics`, `write_patches` and
+    `write_validation_tiles` raise, naming the file (no training tile, a tile with other bands).
+    """
+    train_tiles = read_tiles_table(tiles_dir, "train")
+    val_tiles = read_tiles_table(tiles_dir, "val")
+    stats = band_statistics([tiles_dir / name for name in train_tiles["image"]])
+    train_path, val_path = out_dir / "train.h5", out_dir / "val.h5"
+    count = write_patches(
+        train_tiles, tiles_dir, train_path, size=size, overlap=overlap, stats=stats, bands=bands
+    )
+    scored = write_validation_tiles(val_tiles, tiles_dir, val_path, stats=stats, bands=bands)
+    return PatchesSummary(train_path, len(train_tiles), count, val_path, len(val_tiles), scored, size, stats)
