@@ -12,14 +12,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.io import DatasetReader, DatasetWriter
+from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
-from aerialseg.classes import CLASSES, decode_colours, unknown_colour_error
+from aerialseg.classes import decode_colours, unknown_colour_error
 from aerialseg.config import SPECTRAL_BANDS
 from aerialseg.datasets.errors import DatasetLayoutError
 from aerialseg.datasets.heights import (
@@ -38,7 +37,7 @@ from aerialseg.datasets.isprs_layout import (
     NDSM_JPEG_METRES_PER_VALUE,
     DatasetLayout,
 )
-from aerialseg.raster import RasterError, pixel_read_error
+from aerialseg.raster import FAST_DEFLATE_LEVEL, GeoReference, RasterError, geotiff_writer, pixel_read_error
 
 BLOCK_ROWS = 512
 """Rows read and written at a time; a multiple of the output's 256-px GeoTIFF tiles."""
@@ -500,37 +499,18 @@ def _write_blocks(
     *,
     colormap: bool = False,
 ) -> None:
-    """Create a GeoTIFF on `reference`'s grid and fill it with read_block(window) row block by row block."""
-    count = len(band_names) if band_names else 1
-    with _create(path, reference, count, dtype) as dst:
-        # Metadata first: libtiff cannot change the photometric tag once pixels are written.
-        if band_names:
-            dst.descriptions = band_names
-        if colormap:
-            dst.write_colormap(1, {c.index: (*c.colour, 255) for c in CLASSES})
+    """Write a GeoTIFF on `reference`'s grid (raster.geotiff_writer, fast deflate), filled with
+    read_block(window) row block by row block; `colormap`: a class map with the ISPRS colours."""
+    with geotiff_writer(
+        path,
+        height=reference.height,
+        width=reference.width,
+        count=len(band_names) if band_names else 1,
+        dtype=dtype,
+        georef=GeoReference.of(reference),
+        band_names=band_names,
+        class_map=colormap,
+        deflate_level=FAST_DEFLATE_LEVEL,
+    ) as out:
         for window in row_windows(reference.height, reference.width):
-            dst.write(read_block(window), window=window)
-
-
-def _create(path: Path, reference: DatasetReader, count: int, dtype: type) -> DatasetWriter:
-    """The GeoTIFF layout of aerialseg.raster.write_raster (tiled, deflate), opened for windowed writing."""
-    profile: dict[str, Any] = {
-        "driver": "GTiff",
-        "height": reference.height,
-        "width": reference.width,
-        "count": count,
-        "dtype": np.dtype(dtype).name,
-        "crs": reference.crs,
-        "transform": reference.transform,
-        "compress": "deflate",
-        # Fast deflate: level 1 writes 2-3x faster than the default 6 for a few % more disk, and a
-        # Potsdam tile is 36 M pixels per band. Threads help where several cores are free.
-        "zlevel": 1,
-        "num_threads": "all_cpus",
-        "nodata": None,
-    }
-    if reference.height >= 256 and reference.width >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    if np.issubdtype(dtype, np.floating):
-        profile["predictor"] = 3
-    return rasterio.open(path, "w", **profile)
+            out.add(read_block(window))
