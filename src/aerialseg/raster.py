@@ -12,6 +12,7 @@ that readers following the tag (PIL, web viewers) show grey.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,13 +144,13 @@ def geotiff_profile(
         "width": width,
         "count": count,
         "dtype": np.dtype(dtype).name,
-        "crs": georef.crs,
-        "transform": georef.transform,
         "compress": "deflate",
         "nodata": nodata,
         # A classic TIFF ends at 4 GB; GDAL switches to BigTIFF where the raster could pass that.
         "BIGTIFF": "IF_SAFER",
     }
+    if not georef.gcps:  # with GCPs, the identity transform is no georeference (geotiff_writer sets them)
+        profile.update(crs=georef.crs, transform=georef.transform)
     if deflate_level is not None:
         profile["zlevel"] = deflate_level
     if threads:
@@ -266,7 +267,11 @@ def geotiff_writer(
     with atomic_path(path) as final_tmp:
         plain = temp_name(path.with_name(f"{path.stem}_plain{path.suffix}")) if cog else final_tmp
         try:
-            with rasterio.open(plain, "w", **profile) as dst:
+            with warnings.catch_warnings():
+                # Georeferenced by GCPs, set right after it opens: not the "no georeference" it warns of.
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                dst = rasterio.open(plain, "w", **profile)
+            with dst:
                 if georef.gcps:
                     dst.gcps = (list(georef.gcps), georef.gcps_crs)
                 if class_map:
