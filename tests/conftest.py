@@ -1,6 +1,7 @@
-"""Shared fixtures: one small synthetic Vaihingen layout and the tiles built from it.
+"""Shared fixtures: one small synthetic Vaihingen layout, the tiles and patches built from it, and the
+official ISPRS archives rebuilt by tests/archive_builders.py.
 
-Both are session-scoped and read-only: a test that needs to damage the layout copies it first
+The data fixtures are session-scoped and read-only: a test that needs to damage the layout copies it first
 (see `raw_copy`), so the fixtures stay valid for every other test.
 """
 
@@ -10,6 +11,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from archive_builders import (
+    FORMS,
+    SourceTile,
+    potsdam_downloads,
+    potsdam_tiles,
+    vaihingen_downloads,
+    vaihingen_tiles,
+    write_downloads,
+)
 
 from aerialseg.config import DataConfig, SyntheticConfig
 from aerialseg.datasets.isprs import build_tiles
@@ -64,3 +74,43 @@ def patches_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_tiles: Path)
     out = tmp_path_factory.mktemp("patches")
     build_patches(synthetic_tiles, out, size=64, overlap=0.5, bands=["ir", "r", "g", "dsm"])
     return out
+
+
+# --------------------------------------------------------------------------------------
+# The official ISPRS archives (tests/archive_builders.py)
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    """Where a test's `build_tiles` writes: neither the folder nor its parent exists yet."""
+    return tmp_path / "out" / "tiles"
+
+
+@pytest.fixture(scope="session")
+def vaihingen() -> list[SourceTile]:
+    """Vaihingen areas 1, 2, 3 and 9 as generated scenes of 96 px. Do not modify."""
+    return vaihingen_tiles()
+
+
+@pytest.fixture(scope="session")
+def vaihingen_raw(tmp_path_factory: pytest.TempPathFactory, vaihingen: list[SourceTile]) -> dict[str, Path]:
+    """raw_dir per form (zip, unzipped, folders). Do not modify."""
+    downloads = vaihingen_downloads(vaihingen)
+    return {
+        form: write_downloads(tmp_path_factory.mktemp(f"vaihingen_{form}"), downloads, form) for form in FORMS
+    }
+
+
+@pytest.fixture(scope="session")
+def potsdam() -> list[SourceTile]:
+    """Potsdam tiles 2_10, 2_11 and 2_13 as generated scenes of 96 px. Do not modify."""
+    return potsdam_tiles()
+
+
+@pytest.fixture(scope="session")
+def potsdam_raw(tmp_path_factory: pytest.TempPathFactory, potsdam: list[SourceTile]) -> dict[str, Path]:
+    """Every official Potsdam archive, per form. Do not modify."""
+    downloads = potsdam_downloads(potsdam)
+    return {
+        form: write_downloads(tmp_path_factory.mktemp(f"potsdam_{form}"), downloads, form) for form in FORMS
+    }

@@ -114,12 +114,12 @@ def derived_ndsm(scene: Scene) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def dataset(array: np.ndarray) -> Iterator[DatasetReader]:
+def dataset(array: np.ndarray, nodata: float | None = None) -> Iterator[DatasetReader]:
     """An in-memory single-band float32 GeoTIFF, open for reading."""
     profile = {"driver": "GTiff", "count": 1, "height": array.shape[0], "width": array.shape[1]}
     with warnings.catch_warnings(), MemoryFile() as memory:
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with memory.open(dtype="float32", **profile) as dst:
+        with memory.open(dtype="float32", nodata=nodata, **profile) as dst:
             dst.write(array.astype(np.float32), 1)
         with memory.open() as src:
             yield src
@@ -278,3 +278,40 @@ def test_grids_smaller_than_the_windows_give_a_finite_ground(shape: tuple[int, i
     ground = heights.ground_surface(grid, 0.5)
     assert ground.shape == shape
     assert np.isfinite(ground).all() and (ground <= grid + 1e-9).all()
+
+
+# --------------------------------------------------------------------------------------
+# The ground estimate on a sloped block, the ground level on a decimated read, DSM nodata
+
+
+def test_ground_estimate_keeps_a_slope_and_removes_buildings() -> None:
+    rows, cols = np.mgrid[0:600, 0:500].astype(np.float32)
+    terrain = 200.0 + 0.005 * rows + 0.0025 * cols  # 5 cm pixels: 10 % and 5 % slopes
+    box = np.zeros_like(terrain)
+    box[100:300, 150:350] = 12.0  # a 10 x 10 m building
+    with dataset(terrain + box) as src:
+        ground = heights.estimate_ground(src, 0.05, fill=0.0, block_rows=64)
+        estimate = np.concatenate([ground.block(r, 100, 500) for r in range(0, 600, 100)])
+        ndsm = heights.normalised_heights(terrain + box, estimate)
+    np.testing.assert_allclose(ndsm[box == 0], 0.0, atol=0.1)
+    np.testing.assert_allclose(ndsm[box > 0], 12.0, atol=0.1)
+
+
+def test_ground_level_on_a_decimated_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = np.random.default_rng(0).normal(100.0, 5.0, size=(300, 400))
+    with dataset(values) as src:
+        exact = heights.ground_level(src)
+        monkeypatch.setattr(heights, "PERCENTILE_MAX_SAMPLES", 10_000)
+        assert heights.ground_level(src) == pytest.approx(exact, abs=0.5)
+    assert exact == pytest.approx(np.percentile(values, 1.0), abs=1e-3)
+
+
+def test_dsm_nodata_reads_as_ground() -> None:
+    values = np.full((50, 60), 100.0, dtype=np.float32)
+    values[:5] = -9999.0
+    values[10:20, 10:20] = 110.0
+    with dataset(values, nodata=-9999.0) as src:
+        level = heights.ground_level(src)
+        filled = heights.read_heights(src, None, fill=level)
+    assert level == 100.0
+    assert (filled[:5] == 100.0).all() and filled.max() == 110.0

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from affine import Affine
-from test_isprs_archives import (
+from archive_builders import (
     SMALL,
     Download,
     SourceTile,

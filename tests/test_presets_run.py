@@ -3,7 +3,7 @@
 Issue 9: the shipped Potsdam preset could not run on any data (its unquoted `2_10` became 210, and
 tile 3_13's DSM is a column short). Here each real-data preset is applied with the real entry point
 in a copy of the project whose `data/raw/<dataset>/` holds the official archives, rebuilt by the
-fixture builders of test_isprs_archives.py with EVERY official tile id (an `official` split checks
+archive builders of tests/archive_builders.py with EVERY official tile id (an `official` split checks
 them) and Potsdam 3_13's DSM and nDSM one column short, as in the real download. Only what a
 CPU-only machine without internet needs is overridden afterwards (one epoch of one batch, a
 ResNet18 encoder, no ImageNet weights, no TTA, a tiny `scenes` stage); every `data.*` key, the
@@ -26,9 +26,7 @@ import pandas as pd
 import pytest
 import rasterio
 import yaml
-from project_copy import COPIED, copy_project, run, stages_run
-from ruamel.yaml import YAML
-from test_isprs_archives import (
+from archive_builders import (
     SourceTile,
     potsdam_downloads,
     potsdam_tiles,
@@ -36,6 +34,8 @@ from test_isprs_archives import (
     vaihingen_tiles,
     write_downloads,
 )
+from project_copy import COPIED, copy_project, run, stages_run
+from ruamel.yaml import YAML
 
 from aerialseg.classes import IGNORE_INDEX
 from aerialseg.config import load_params

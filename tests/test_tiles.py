@@ -1,6 +1,7 @@
 """The Vaihingen participant layout (what the synthetic scenes are written in) -> model-ready tiles.
 
-The official zip archives, Potsdam and the official split are tested in test_isprs_archives.py.
+The official zip archives (rebuilt by archive_builders.py), Potsdam and the official split are tested
+in test_isprs_*.py.
 """
 
 from __future__ import annotations
