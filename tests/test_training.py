@@ -11,7 +11,8 @@ import torch
 
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.config import Params
-from aerialseg.training import resolve_precision, train
+from aerialseg.devices import resolve_training_precision
+from aerialseg.training import train
 
 
 def _params(patches_dir: Path, models: Path, precision: str) -> Params:
@@ -90,8 +91,8 @@ def test_train_writes_checkpoint_history_and_one_mlflow_run(
 
 def test_auto_precision_is_fp32_on_cpus_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("aerialseg.training.cpu_has_native_bf16", lambda: False)
-    assert resolve_precision("auto", "cpu") == "32"
-    monkeypatch.setattr("aerialseg.training.cpu_has_native_bf16", lambda: True)
-    assert resolve_precision("auto", "cpu") == "bf16-mixed"
-    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+    monkeypatch.setattr("aerialseg.devices.cpu_has_native_bf16", lambda: False)
+    assert resolve_training_precision("auto", "cpu") == "32"
+    monkeypatch.setattr("aerialseg.devices.cpu_has_native_bf16", lambda: True)
+    assert resolve_training_precision("auto", "cpu") == "bf16-mixed"
+    assert resolve_training_precision("16-mixed", "cpu") == "16-mixed"

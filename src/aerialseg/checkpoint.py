@@ -2,58 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from aerialseg.classes import IGNORE_INDEX, legend
 from aerialseg.files import atomic_path
 from aerialseg.model import TorchFileError, build_model, load_torch_file
-from aerialseg.patches import BandStats
+from aerialseg.model_card import CARD_FORMAT, ModelCard, ModelCardError
 
-CHECKPOINT_FORMAT = "aerialseg-checkpoint/1"
+CHECKPOINT_FORMAT = CARD_FORMAT
 
 
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    args: Mapping[str, Any],
-    *,
-    bands: Sequence[str],
-    stats: BandStats,
-    patch_size: int,
-    config: Mapping[str, Any],
-    metrics: Mapping[str, float],
-) -> None:
-    """Weights plus everything needed to feed the model: band order, normalisation, legend."""
+def save_checkpoint(path: Path, model: nn.Module, card: ModelCard) -> None:
+    """The weights plus the model card (band order, normalisation, legend, window, model arguments,
+    the training's params and metrics), written atomically."""
     payload = {
-        **describe(args, bands=bands, stats=stats, patch_size=patch_size),
+        **card.to_dict(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "config": dict(config),
-        "metrics": dict(metrics),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-
-
-def describe(
-    args: Mapping[str, Any], *, bands: Sequence[str], stats: BandStats, patch_size: int
-) -> dict[str, Any]:
-    """What a model needs beside its weights to be used on new imagery (plain JSON data): the
-    checkpoint's metadata and the MLflow model's `metadata`, so both sources load alike."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model_args": dict(args),
-        "bands": list(bands),
-        "band_mean": [float(v) for v in stats.mean],
-        "band_std": [float(v) for v in stats.std],
-        "patch_size": int(patch_size),
-        "classes": legend(),
-        "ignore_index": IGNORE_INDEX,
-    }
 
 
 EXPECTED_CHECKPOINT = (
@@ -66,8 +36,8 @@ class CheckpointError(ValueError):
     """A file is not an aerialseg checkpoint, or one that cannot be read."""
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from a checkpoint alone; returns it in eval mode, with the metadata.
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Rebuild the model from a checkpoint alone; returns it in eval mode, with its model card.
 
     Raises FileNotFoundError for a missing file and CheckpointError, naming the file, what it
     seems to be and what was expected, for anything else.
@@ -84,11 +54,16 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: {_what_it_holds(payload)}; {EXPECTED_CHECKPOINT}")
-    missing = [key for key in ("model_args", "state_dict") if not isinstance(payload.get(key), dict)]
-    if missing:
-        raise CheckpointError(f"{path}: an aerialseg checkpoint without {missing}; {EXPECTED_CHECKPOINT}")
+    if not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{path}: an aerialseg checkpoint without ['state_dict']; {EXPECTED_CHECKPOINT}"
+        )
     try:
-        model = build_model(payload["model_args"])
+        card = ModelCard.from_dict(payload, str(path))
+    except ModelCardError as err:
+        raise CheckpointError(f"{err}; {EXPECTED_CHECKPOINT}") from None
+    try:
+        model = build_model(dict(card.model_args))
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -96,7 +71,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
             f"{path}: its weights do not fit the network it describes ({payload['model_args']}): {detail}"
         ) from err
     model.to(device).eval()
-    return model, {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, card
 
 
 def _what_it_holds(payload: Any) -> str:

@@ -87,14 +87,23 @@ def predict(
     ] = None,
     overlap: Annotated[float, typer.Option(min=0.0, max=0.99, help="overlap of neighbouring windows")] = 0.5,
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 4,
+    # Choices are checked by the engine's registries (inference.TTA, BLENDS; devices.py), whose
+    # error lists them; a test keeps this help in step with the registries.
     tta: Annotated[
-        Literal["none", "flip", "d4"],
-        typer.Option(
-            help="test-time augmentation: flip = h + v flips (evaluate.tta), d4 = flips x rotations"
-        ),
+        str,
+        typer.Option(help="test-time augmentation: none, flip (h + v flips), d4 (flips x rotations)"),
     ] = "none",
-    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="auto = cuda if available")] = "auto",
-    precision: Annotated[Literal["32", "bf16"], typer.Option(help="bf16 = bfloat16 autocast")] = "32",
+    blend: Annotated[
+        str,
+        typer.Option(
+            help="window blending: uniform (mean), cosine (Hann window) or gaussian (sigma = window/8)"
+        ),
+    ] = "uniform",
+    device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(help="auto (bfloat16 autocast where the device runs it natively, else 32), 32 or bf16"),
+    ] = "auto",
     probabilities: Annotated[
         bool, typer.Option(help="also write <stem>_probabilities.tif (uint8, probability x 255, per class)")
     ] = False,
@@ -116,14 +125,17 @@ def predict(
     Outputs keep the input's CRS and transform; 255 marks nodata. Example:
     `aerialseg predict data/tiles/7_image.tif --model models/model.ckpt --output predictions --tta flip`
     """
+    from aerialseg.devices import DeviceError, resolve_device
     from aerialseg.model_source import ModelSourceError, load_model
-    from aerialseg.predict import PredictError, PredictOptions, PredictResult, predict_paths, resolve_device
+    from aerialseg.predict import PredictError, PredictOptions, PredictResult, predict_paths
+    from aerialseg.raster_source import InputError
 
     options = PredictOptions(
         window=window,
         overlap=overlap,
         batch_size=batch_size,
         tta=tta,
+        blend=blend,
         device=device,
         precision=precision,
         probabilities=probabilities,
@@ -143,9 +155,9 @@ def predict(
         )
 
     try:
-        net, meta = load_model(model, resolve_device(device))
-        predict_paths(net, meta, inputs, output, options, model_name=model, on_done=report)
-    except (PredictError, ModelSourceError) as err:
+        net, card = load_model(model, resolve_device(device))
+        predict_paths(net, card, inputs, output, options, model_name=model, on_done=report)
+    except (PredictError, InputError, DeviceError, ModelSourceError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 
@@ -172,8 +184,8 @@ def export(
     from aerialseg.model_source import ModelSourceError, load_model
 
     try:
-        net, meta = load_model(model, "cpu")
-        result = export_onnx(net, meta, output, exporter=exporter, check_size=check_size, opset=opset)
+        net, card = load_model(model, "cpu")
+        result = export_onnx(net, card, output, exporter=exporter, check_size=check_size, opset=opset)
     except (ExportError, ModelSourceError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -200,10 +200,32 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    """The sliding window of `evaluate` (and of whole-tile validation: overlap, tta, blend)."""
+
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     batch_size: Annotated[int, Field(ge=1)] = 4
-    tta: bool = False
-    """Average predictions over horizontal and vertical flips."""
+    tta: str = "none"
+    """Test-time augmentation, a key of inference.TTA: none, flip (h + v flips), d4 (8 views)."""
+    blend: str = "uniform"
+    """Window blending, a key of inference.BLENDS: uniform, cosine, gaussian."""
+    precision: str = "auto"
+    """auto (bfloat16 where the hardware runs it natively), 32 or bf16 (devices.py)."""
+
+    # The values are checked against their registries (inference.TTA, BLENDS; devices.py) by the
+    # `params` stage and where they are used (aerialseg.choices): importing the registries here
+    # would make every stage depend on the inference code.
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_was_a_switch(cls, value: object) -> object:
+        if isinstance(value, bool):  # the old switch: false/true were none/flip
+            raise ValueError(f"is a choice now, not a switch: use {'flip' if value else 'none'!r} (or 'd4')")
+        return value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # YAML reads 32 as a number
 
 
 class TrackingConfig(_Section):

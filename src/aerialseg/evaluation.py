@@ -21,19 +21,20 @@ Writes to paths.reports (and logs it all to the training's MLflow run, under eva
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from aerialseg.checkpoint import load_checkpoint
+from aerialseg.choices import check_choices
 from aerialseg.classes import CLASS_NAMES, NUM_CLASSES
 from aerialseg.config import Params
 from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.files import atomic_path
-from aerialseg.inference import predict_probabilities
+from aerialseg.inference import Settings, predict_probabilities
 from aerialseg.metrics import confusion_matrix, scores
 from aerialseg.published import (
     LECTURE,
@@ -91,6 +92,7 @@ FIGURES = (
 def evaluate(params: Params) -> dict[str, Any]:
     """Score the trained model on every test tile; write `reports/` and add it all to the MLflow run."""
     check_tracking_store()  # a remote store that cannot be used fails now, within its timeout
+    check_choices(params)
     ref = RunRef.load(params.paths.models / "mlflow_run.json")
     out = params.paths.reports
     # Whole folders are swapped in at the end: no stale or half-written predictions survive.
@@ -145,32 +147,36 @@ def _predict_test_tiles(
     `tile_id` and its `full_reference` figures), and the params the model was trained with (the
     checkpoint's `config`; empty for a checkpoint without one).
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, meta = load_checkpoint(params.paths.models / "model.ckpt", device)
-    mean = np.asarray(meta["band_mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(meta["band_std"], dtype=np.float32)[:, None, None]
+    cfg = params.evaluate
+    settings = Settings(
+        window=0,  # the model's, below
+        overlap=cfg.overlap,
+        batch_size=cfg.batch_size,
+        tta=cfg.tta,
+        blend=cfg.blend,
+        precision=cfg.precision,
+        device="auto",
+    ).resolve()
+    model, card = load_checkpoint(params.paths.models / "model.ckpt", settings.device)
+    settings = replace(settings, window=card.window).check()
+    print(
+        f"evaluate: {settings.device}, precision {settings.precision}, "
+        f"tta {settings.tta}, blend {settings.blend}"
+    )
     tiles_dir = params.paths.tiles
     total = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     total_full = np.zeros_like(total)
     per_tile: dict[str, Any] = {}
     for row in read_tiles_table(tiles_dir, "test").itertuples():
         image, georef = read_raster(tiles_dir / str(row.image))
-        if image.shape[0] != len(meta["bands"]):
+        if image.shape[0] != len(card.bands):
             raise ValueError(
                 f"{tiles_dir / str(row.image)}: {image.shape[0]} bands, "
-                f"but the model was trained on {meta['bands']}"
+                f"but the model was trained on {card.expected_bands()}"
             )
-        probs = predict_probabilities(
-            model,
-            (image - mean) / std,
-            window=meta["patch_size"],
-            overlap=params.evaluate.overlap,
-            batch_size=params.evaluate.batch_size,
-            tta=params.evaluate.tta,
-            device=device,
-            progress=f"predict {row.tile}",
-        )
+        probs = predict_probabilities(model, card.normalise(image), settings, progress=f"predict {row.tile}")
         pred = probs.argmax(axis=0).astype(np.uint8)
+        del probs
         eroded, _ = read_raster(tiles_dir / str(row.label_eroded))
         full, _ = read_raster(tiles_dir / str(row.label))
         cm, cm_full = confusion_matrix(pred, eroded[0]), confusion_matrix(pred, full[0])
@@ -190,11 +196,11 @@ def _predict_test_tiles(
             pred,
             overlays / f"{row.tile}.png",
             reference_eroded=eroded[0],
-            bands=meta["bands"],
+            bands=list(card.bands),
             title=f"{row.tile}: overall accuracy {_percent(tile['overall_accuracy'])}, "
             f"mean F1 {_percent(tile['mean_f1'])} (eroded reference)",
         )
-    return total, total_full, per_tile, dict(meta.get("config") or {})
+    return total, total_full, per_tile, dict(card.config)
 
 
 def lecture_comparison(per_tile: dict[str, Any], trained: dict[str, Any]) -> pd.DataFrame:

@@ -4,8 +4,8 @@ The ONNX graph takes `image`, a float32 (batch, bands, height, width) tensor alr
 ((value - band_mean) / band_std, bands in the metadata's order), with batch, height and width
 dynamic (height and width multiples of 32), and returns `logits`, (batch, classes, height,
 width); the class is the argmax over axis 1. Everything needed to feed it is in the model's
-`metadata_props`: `aerialseg` (the whole metadata as JSON, as in a checkpoint) and, one key
-each, `bands`, `band_mean`, `band_std`, `patch_size`, `classes` (JSON values).
+`metadata_props`: `aerialseg` (the whole model card as JSON, as in a checkpoint) and, one key
+each, `bands`, `units`, `band_mean`, `band_std`, `patch_size`, `classes` (JSON values).
 
 The file is written under a temporary name and renamed only once onnxruntime, on an input of a
 size other than the patch size, gives the same classes as PyTorch.
@@ -27,6 +27,7 @@ from torch import nn
 
 from aerialseg.files import atomic_path
 from aerialseg.model import check_input_size
+from aerialseg.model_card import ModelCard
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTER_CHOICES: tuple[str, ...] = ("dynamo", "torchscript")
@@ -34,7 +35,8 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
 LOGIT_RTOL = 1e-3
 """Largest |onnxruntime - PyTorch| logit difference accepted, relative to the largest |logit| (>= 1)."""
-METADATA_KEYS = ("bands", "band_mean", "band_std", "patch_size", "classes")
+METADATA_KEYS = ("bands", "units", "band_mean", "band_std", "patch_size", "classes")
+"""The model card's keys also embedded one by one, for tools that read a single property."""
 
 
 class ExportError(RuntimeError):
@@ -78,7 +80,7 @@ class ExportResult:
 
 def export_onnx(
     model: nn.Module,
-    meta: dict[str, Any],
+    card: ModelCard,
     output: Path,
     *,
     exporter: Exporter = "dynamo",
@@ -90,8 +92,7 @@ def export_onnx(
     check it with onnxruntime; raises ExportError, leaving no file, when the check fails."""
     if exporter not in EXPORTER_CHOICES:
         raise ValueError(f"exporter must be one of {EXPORTER_CHOICES}, got {exporter!r}")
-    size = int(meta["patch_size"])
-    bands = len(meta["bands"])
+    size, bands = card.window, len(card.bands)
     if check_size is None:
         check_size = (size + 32, size + 64)  # not the export size, and not square
     check_input_size(*check_size)
@@ -99,7 +100,7 @@ def export_onnx(
     example = torch.zeros(1, bands, size, size)
     with atomic_path(output) as tmp:
         _export(model, example, tmp, exporter, opset)
-        _add_metadata(tmp, meta)
+        _add_metadata(tmp, card.to_dict(training=False))
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((2, bands, *check_size)).astype(np.float32)
         parity = check_parity(model, tmp, x)

@@ -1,7 +1,7 @@
 """Where `aerialseg predict` and `aerialseg export` get a model: a checkpoint file or an MLflow URI.
 
-Both sources give the network and the same metadata (`checkpoint.describe`): band order,
-normalisation, patch size, legend. So the commands need nothing else to feed a model.
+Both sources give the network and the same model card (`model_card.ModelCard`): band order,
+normalisation, window size, legend. So the commands need nothing else to feed a model.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from aerialseg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from aerialseg.model_card import ModelCard, ModelCardError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 MLFLOW_EXAMPLES = "runs:/<run id>/model, models:/<name>@<alias>"
-REQUIRED_METADATA = ("bands", "band_mean", "band_std", "patch_size", "classes")
 
 
 class ModelSourceError(ValueError):
@@ -27,37 +27,25 @@ def is_mlflow_uri(source: str) -> bool:
     return source.startswith(MLFLOW_SCHEMES)
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
     """A checkpoint path or an MLflow model URI (`runs:/<id>/model`, `models:/<name>@<alias>`,
-    `models:/<name>/<version>`) -> (model in eval mode on `device`, metadata)."""
+    `models:/<name>/<version>`) -> (model in eval mode on `device`, its model card)."""
     text = str(source)
-    meta: Any
-    if is_mlflow_uri(text):
-        model, meta = _load_mlflow(text, device)
-    else:
-        model, meta = _load_checkpoint(Path(text), device)
-    check_metadata(meta, text)
-    return model, dict(meta)
-
-
-def check_metadata(meta: Any, source: str) -> None:
-    """The metadata a model must carry to be used on new imagery."""
-    if not isinstance(meta, dict):
+    if not is_mlflow_uri(text):
+        return _load_checkpoint(Path(text), device)
+    model, meta = _load_mlflow(text, device)
+    if meta is None:
         raise ModelSourceError(
-            f"{source}: the model carries no aerialseg metadata (bands, normalisation, patch size); "
+            f"{text}: the model carries no aerialseg model card (bands, normalisation, window size); "
             "log it with aerialseg.tracking.log_model or use a checkpoint written by `train`"
         )
-    missing = [key for key in REQUIRED_METADATA if key not in meta]
-    if missing:
-        raise ModelSourceError(f"{source}: the model's metadata lacks {missing}")
-    if not len(meta["bands"]) == len(meta["band_mean"]) == len(meta["band_std"]):
-        raise ModelSourceError(
-            f"{source}: metadata names {len(meta['bands'])} bands but has "
-            f"{len(meta['band_mean'])} means and {len(meta['band_std'])} standard deviations"
-        )
+    try:
+        return model, ModelCard.from_dict(meta, text)
+    except ModelCardError as err:
+        raise ModelSourceError(str(err)) from None
 
 
-def _load_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def _load_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module, ModelCard]:
     if not path.exists():
         raise ModelSourceError(
             f"{path}: no such file; expected an aerialseg checkpoint (e.g. models/model.ckpt) "

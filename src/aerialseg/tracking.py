@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aerialseg.files import atomic_path
 from aerialseg.processes import pid_exists, proc_stat, start_time
+
+if TYPE_CHECKING:
+    from aerialseg.model_card import ModelCard
 
 DEFAULT_DB = "mlflow.db"
 MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "numpy")
@@ -223,12 +226,12 @@ def reopen(ref: RunRef) -> Iterator[Any]:
 def log_model(
     run_id: str,
     model: Any,
-    metadata: Mapping[str, Any],
+    card: ModelCard,
     *,
     registered_model: str | None = None,
     alias: str | None = None,
 ) -> str:
-    """Log `model` (a torch module) to the run as `model`, with `metadata` (checkpoint.describe)
+    """Log `model` (a torch module) to the run as `model`, with its model card as `metadata`
     so that `aerialseg predict` can feed it from the URI alone; register it when `registered_model`
     is set, and move `alias` to the new version when `alias` is set too (`train` passes none: the
     alias moves once `evaluate` has tested the model, `set_alias_to_run`). Returns the model URI."""
@@ -238,8 +241,7 @@ def log_model(
     from mlflow.models import infer_signature
 
     model = model.float().to(memory_format=torch.contiguous_format).cpu().eval()
-    size = int(metadata["patch_size"])
-    example = np.zeros((1, len(metadata["bands"]), size, size), dtype=np.float32)
+    example = np.zeros((1, len(card.bands), card.window, card.window), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(tracking_uri())
@@ -251,7 +253,8 @@ def log_model(
             name="model",
             signature=infer_signature(example, output),
             serialization_format="pickle",
-            metadata=dict(metadata),
+            # The card without the training's params: they are the run's params already.
+            metadata=card.to_dict(training=False),
             # What unpickling the network needs; stated, because MLflow's inference of it starts
             # a subprocess that takes ~30 s on every run.
             pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],

@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,20 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from aerialseg.checkpoint import describe, save_checkpoint
+from aerialseg.checkpoint import save_checkpoint
 from aerialseg.checkpoint_io import AtomicCheckpointIO
+from aerialseg.choices import check_choices
 from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from aerialseg.config import NOT_RESULTS, Params, Precision, TrainConfig
+from aerialseg.config import NOT_RESULTS, Params, TrainConfig
 from aerialseg.data import SpectralJitter
 from aerialseg.datamodule import PatchData, RandomStreams
+from aerialseg.devices import resolve_training_precision
 from aerialseg.files import atomic_path
-from aerialseg.inference import predict_probabilities
+from aerialseg.inference import Settings, predict_probabilities
 from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
+from aerialseg.model_card import ModelCard
 from aerialseg.patches import PatchFileInfo, open_h5, read_patch_info, read_tile_file_info
 from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
@@ -88,20 +91,6 @@ VAL_SCORES = ("overall_accuracy", "kappa", "mean_f1", "miou", "mean_f1_5", "miou
 """Logged per epoch as val_<key>, and for the published epoch as selected_val_<key>."""
 
 
-@dataclass(frozen=True)
-class Validation:
-    """How the whole validation tiles are predicted: `evaluate`'s window grid, blending and TTA.
-
-    window: px, the training patch size; overlap: evaluate.overlap; tta: evaluate.tta (flips);
-    batch_size: windows per forward pass.
-    """
-
-    window: int
-    overlap: float = 0.5
-    tta: bool = False
-    batch_size: int = 4
-
-
 # ---------------------------------------------------------------- the task
 
 
@@ -122,7 +111,7 @@ class SegmentationTask(L.LightningModule):
         scheduler: str = "none",
         compile: bool = False,
         jitter: SpectralJitter | None = None,
-        validation: Validation | None = None,
+        validation: Settings | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -134,7 +123,9 @@ class SegmentationTask(L.LightningModule):
         # Photometric augmentation of the training batches, where they already are (the GPU).
         self.jitter = jitter
         self.loss = build_loss(loss, class_weights)
-        self.validation = validation or Validation(window=256)
+        # `evaluate`'s engine settings; precision 32 adds no autocast of its own: Lightning's
+        # precision plugin already runs validation in the training's precision.
+        self.validation = validation or Settings(window=256)
         # torchmetrics sums over DDP ranks; each val tile is on one rank: every pixel counts once.
         self.val_confusion = MulticlassConfusionMatrix(args["classes"], ignore_index=IGNORE_INDEX)
         self.val_loss = MeanMetric()
@@ -174,16 +165,7 @@ class SegmentationTask(L.LightningModule):
         """One whole val tile (`data.ValidationTiles`), predicted as `evaluate` predicts a test tile."""
         if batch["tile"] is None:  # this rank's share of the tiles is used up (TileShards)
             return
-        v = self.validation
-        probs = predict_probabilities(
-            self,
-            batch["image"],
-            window=v.window,
-            overlap=v.overlap,
-            batch_size=v.batch_size,
-            tta=v.tta,
-            device=self.device,
-        )
+        probs = predict_probabilities(self, batch["image"], replace(self.validation, device=str(self.device)))
         reference = torch.from_numpy(batch["reference"].astype(np.int64))
         self.val_confusion.update(
             torch.from_numpy(probs.argmax(axis=0)).to(self.device), reference.to(self.device)
@@ -290,21 +272,6 @@ class RunReference(Callback):
             self.logger.log_hyperparams({"train.world_size": trainer.world_size})
 
 
-def resolve_precision(precision: Precision, accelerator: str) -> str:
-    """`auto` picks bfloat16 autocast where the hardware runs it natively, else fp32."""
-    if precision != "auto":
-        return precision
-    use_cuda = accelerator in ("gpu", "auto") and torch.cuda.is_available()
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32"
-
-
-def cpu_has_native_bf16() -> bool:
-    cpu = torch.cpu
-    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-
-
 def resolve_deterministic(deterministic: bool, accelerator: str) -> bool | str:
     """Trainer's `deterministic`: strict on CPU; on CUDA "warn", because some ops the decoders use
     (bilinear upsampling's backward) have no deterministic CUDA kernel and would raise."""
@@ -329,6 +296,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     epoch's metrics.
     """
     check_tracking_store()  # a remote store that cannot be used fails now, within its timeout
+    check_choices(params)  # validation uses evaluate.tta and evaluate.blend
     cfg = params.train
     L.seed_everything(cfg.seed, workers=True)
     train_info = read_patch_info(params.paths.patches / "train.h5")
@@ -340,7 +308,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         )
     check_input_size(train_info.size, train_info.size)
     args = model_args(params.model.arch, params.model.encoder, len(train_info.bands), NUM_CLASSES)
-    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    precision = resolve_training_precision(cfg.precision, cfg.accelerator)
     class_weights = resolve_class_weights(cfg, train_info)
     task = SegmentationTask(
         args,
@@ -357,11 +325,12 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         jitter=SpectralJitter(train_info.bands, train_info.stats.mean, train_info.stats.std)
         if cfg.augment
         else None,
-        validation=Validation(
+        validation=Settings(
             window=train_info.size,
             overlap=params.evaluate.overlap,
-            tta=params.evaluate.tta,
             batch_size=cfg.batch_size,
+            tta=params.evaluate.tta,
+            blend=params.evaluate.blend,
         ),
     )
     out = params.paths.models
@@ -465,23 +434,23 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
                     },
                 }
             )
-            save_checkpoint(
-                out / "model.ckpt",
-                network,
+            card = ModelCard.for_training(
                 args,
                 bands=train_info.bands,
-                stats=train_info.stats,
-                patch_size=train_info.size,
+                mean=train_info.stats.mean,
+                std=train_info.stats.std,
+                window=train_info.size,
                 config=params.model_dump(mode="json"),
                 metrics={**selected, "train_seconds": seconds},
             )
+            save_checkpoint(out / "model.ckpt", network, card)
             pd.DataFrame(task.history).to_csv(out / "history.csv", index=False)
             assert logger.run_id is not None and logger.experiment_id is not None
             RunRef(logger.run_id, logger.experiment_id, params.tracking.experiment).save(out / RUN_REF)
             log_model(
                 logger.run_id,
                 network,
-                describe(args, bands=train_info.bands, stats=train_info.stats, patch_size=train_info.size),
+                card,
                 # Registered now; the alias moves once `evaluate` has tested it.
                 registered_model=params.tracking.registered_model,
             )
