@@ -21,7 +21,7 @@ from rasterio.windows import Window
 from torch import nn
 from typer.testing import CliRunner
 
-from aerialseg.checkpoint import describe, save_checkpoint
+from aerialseg.checkpoint import save_checkpoint
 from aerialseg.classes import CLASSES
 from aerialseg.cli import app
 from aerialseg.config import Params
@@ -29,10 +29,10 @@ from aerialseg.datasets.isprs_convert import TilePlan, _ImageBlocks, ndsm_metres
 from aerialseg.datasets.isprs_layout import NDSM, POTSDAM
 from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.evaluation import evaluate
-from aerialseg.inference import predict_probabilities
+from aerialseg.inference import ArrayRows, Settings, predict_probabilities, stream_blocks
 from aerialseg.model import build_model, model_args
+from aerialseg.model_card import ModelCard
 from aerialseg.patches import BandStats
-from aerialseg.predict import ArrayRows, predict_array, stream_blocks
 from aerialseg.raster import GeoReference, write_raster
 from aerialseg.tracking import RunRef, log_model
 
@@ -62,19 +62,23 @@ class Pixelwise(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def network() -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def network() -> tuple[nn.Module, dict[str, Any], ModelCard]:
     """An untrained network with context (ResNet18 encoder, batch norm, bilinear upsampling; the
-    decoder-less fcn_skip, the cheapest on a CPU), its model args and its metadata."""
+    decoder-less fcn_skip, the cheapest on a CPU), its model args and its model card."""
     torch.manual_seed(0)
     args = model_args("fcn_skip", "resnet18", len(BANDS), len(CLASSES))
-    return build_model(args).eval(), args, describe(args, bands=BANDS, stats=STATS, patch_size=PATCH)
+    return build_model(args).eval(), args, _card(args, BANDS, STATS)
+
+
+def _card(args: dict[str, Any], bands: list[str], stats: BandStats) -> ModelCard:
+    return ModelCard.for_training(args, bands=bands, mean=stats.mean, std=stats.std, window=PATCH)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, network: Any) -> Path:
-    model, args, _ = network
+    model, _, card = network
     path = tmp_path_factory.mktemp("models") / "model.ckpt"
-    save_checkpoint(path, model, args, bands=BANDS, stats=STATS, patch_size=PATCH, config={}, metrics={})
+    save_checkpoint(path, model, card)
     return path
 
 
@@ -109,27 +113,6 @@ def _listing(folder: Path) -> list[str]:
 # --------------------------------------------------------------------------- the streaming core
 
 
-@pytest.mark.parametrize(
-    ("height", "width", "overlap", "batch", "tta"),
-    [
-        (128, 192, 0.5, 3, "none"),  # several window rows, batches straddling them
-        (96, 100, 0.25, 5, "flip"),  # the pipeline's TTA; last window shifted in on both axes
-        (40, 130, 0.5, 2, "none"),  # shorter than a window: padded by reflection
-    ],
-)
-def test_streaming_gives_the_in_memory_probabilities_bit_for_bit(
-    network: Any, height: int, width: int, overlap: float, batch: int, tta: str
-) -> None:
-    model = network[0]
-    image = _normalised(_image(height, width))
-    expected = predict_probabilities(
-        model, image, window=PATCH, overlap=overlap, batch_size=batch, tta=tta == "flip"
-    )
-    got = predict_array(model, image, window=PATCH, overlap=overlap, batch_size=batch, tta=tta)  # type: ignore[arg-type]
-    assert got.shape == expected.shape
-    assert np.array_equal(got, expected)
-
-
 class RecordingRows(ArrayRows):
     def __init__(self, image: np.ndarray) -> None:
         super().__init__(image)
@@ -148,7 +131,7 @@ def test_rows_are_read_once_and_handed_on_as_soon_as_they_are_final() -> None:
     rows = RecordingRows(np.random.default_rng(0).standard_normal((4, height, width)).astype(np.float32))
     net = Pixelwise().eval()
     covered = 0
-    for block in stream_blocks(net, rows, window=window, overlap=0.5, batch_size=4):
+    for block in stream_blocks(net, rows, Settings(window=window, overlap=0.5, batch_size=4)):
         assert block.row == covered
         covered += block.probabilities.shape[1]
         read_to = max(bottom for _, bottom in rows.reads)
@@ -156,27 +139,6 @@ def test_rows_are_read_once_and_handed_on_as_soon_as_they_are_final() -> None:
     assert covered == height
     assert [top for top, _ in rows.reads[1:]] == [bottom for _, bottom in rows.reads[:-1]]
     assert rows.reads[-1][1] == height
-
-
-def test_d4_tta_inverts_each_view() -> None:
-    """A pixelwise model commutes with flips and rotations: d4 (8 views) must give its plain answer."""
-    image = np.random.default_rng(3).standard_normal((4, 96, 128)).astype(np.float32)
-    net = Pixelwise().eval()
-    plain = predict_array(net, image, window=64, overlap=0.5)
-    calls = net.calls
-    d4 = predict_array(net, image, window=64, overlap=0.5, tta="d4")
-    assert net.calls - calls == 8 * calls
-    np.testing.assert_allclose(d4, plain, rtol=1e-5, atol=1e-6)
-
-
-def test_bf16_autocast_runs_and_returns_float32_probabilities() -> None:
-    image = np.random.default_rng(4).standard_normal((4, 64, 96)).astype(np.float32)
-    net = Pixelwise().eval()
-    fp32 = predict_array(net, image, window=64, overlap=0.5)
-    bf16 = predict_array(net, image, window=64, overlap=0.5, precision="bf16")
-    assert bf16.dtype == np.float32
-    np.testing.assert_allclose(bf16.sum(axis=0), 1.0, atol=1e-3)
-    np.testing.assert_allclose(bf16, fp32, atol=0.05)
 
 
 # --------------------------------------------------------------------------- GeoTIFF in, GeoTIFF out
@@ -190,11 +152,11 @@ def test_predict_keeps_the_grid_and_gives_the_in_memory_classes(
     source = _write(tmp_path / "scene.tif", image)
     out = tmp_path / "out"
     result = _predict(str(source), "--model", str(checkpoint), "--output", str(out), "--probabilities",
-                      "--preview-size", "100", "--overlap", "0.25")  # fmt: skip
+                      "--preview-size", "100", "--overlap", "0.25", "--precision", "32")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert _listing(out) == ["scene.png", "scene.tif", "scene_probabilities.tif"]
 
-    probs = predict_probabilities(network[0], _normalised(image), window=PATCH, overlap=0.25, batch_size=4)
+    probs = predict_probabilities(network[0], _normalised(image), Settings(window=PATCH, overlap=0.25))
     with rasterio.open(out / "scene.tif") as dst, rasterio.open(source) as src:
         assert (dst.crs, dst.transform, dst.width, dst.height) == (src.crs, src.transform, 288, 272)
         assert dst.crs == CRS_3035 and dst.transform == ROTATED
@@ -226,14 +188,15 @@ def test_nodata_pixels_get_class_255_and_zero_probability(
     invalid[10:40, 20:70] = invalid[80, 150] = invalid[5, 5] = True
     source = _write(tmp_path / "holes.tif", image, nodata=-9999.0)
     out = tmp_path / "out"
-    result = _predict(str(source), "-m", str(checkpoint), "-o", str(out), "--probabilities", "--no-preview")
+    result = _predict(str(source), "-m", str(checkpoint), "-o", str(out), "--probabilities",
+                      "--no-preview", "--precision", "32")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"{invalid.sum()} nodata px" in result.output
 
     # The network sees the band mean (0 after normalisation) where the input has no data.
     filled = _normalised(image)
     filled[:, invalid] = 0.0
-    expected = predict_probabilities(network[0], filled, window=PATCH, overlap=0.5).argmax(axis=0)
+    expected = predict_probabilities(network[0], filled, Settings(window=PATCH)).argmax(axis=0)
     expected[invalid] = 255
     with rasterio.open(out / "holes.tif") as dst:
         assert dst.nodata == 255
@@ -267,7 +230,7 @@ def evaluated(
 ) -> Iterator[dict[str, Any]]:
     """The `evaluate` stage run on the synthetic test tile with the untrained network, whose MLflow
     run also holds the network as a logged, registered model (alias `candidate`)."""
-    model, args, meta = network
+    model, _, card = network
     root = tmp_path_factory.mktemp("evaluated")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -279,16 +242,7 @@ def evaluated(
         with mlflow.start_run(experiment_id=experiment) as run:
             pass
         models = root / "models"
-        save_checkpoint(
-            models / "model.ckpt",
-            model,
-            args,
-            bands=BANDS,
-            stats=STATS,
-            patch_size=PATCH,
-            config={},
-            metrics={},
-        )
+        save_checkpoint(models / "model.ckpt", model, card)
         RunRef(run.info.run_id, experiment, "predict").save(models / "mlflow_run.json")
         params = Params.model_validate(
             {
@@ -298,11 +252,11 @@ def evaluated(
                     "reports": str(root / "reports"),
                 },
                 "data": {"val_tiles": [3], "test_tiles": [4]},
-                "evaluate": {"overlap": 0.5, "batch_size": 4, "tta": False},
+                "evaluate": {"overlap": 0.5, "batch_size": 4, "tta": "none"},
             }
         )
         evaluate(params)
-        log_model(run.info.run_id, model, meta, registered_model="aerialseg-test", alias="candidate")
+        log_model(run.info.run_id, model, card, registered_model="aerialseg-test", alias="candidate")
         tile = read_tiles_table(synthetic_tiles, "test").iloc[0]
         yield {
             "root": root,
@@ -566,8 +520,7 @@ def rgb_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     args = model_args("fcn_skip", "resnet18", len(RGB), len(CLASSES))
     path = tmp_path_factory.mktemp("rgb_model") / "model.ckpt"
-    save_checkpoint(path, build_model(args).eval(), args, bands=RGB, stats=RGB_STATS, patch_size=PATCH,
-                    config={}, metrics={})  # fmt: skip
+    save_checkpoint(path, build_model(args).eval(), _card(args, RGB, RGB_STATS))
     return path
 
 
@@ -642,8 +595,7 @@ def ndsm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(2)
     args = model_args("fcn_skip", "resnet18", 1, len(CLASSES))
     path = tmp_path_factory.mktemp("ndsm_model") / "model.ckpt"
-    save_checkpoint(path, build_model(args).eval(), args, bands=["ndsm"], stats=NDSM_STATS, patch_size=PATCH,
-                    config={}, metrics={})  # fmt: skip
+    save_checkpoint(path, build_model(args).eval(), _card(args, ["ndsm"], NDSM_STATS))
     return path
 
 
@@ -683,3 +635,25 @@ def test_potsdam_ndsm_grey_values_are_decimetres_in_predict_as_in_the_tiles_stag
     ):
         assert np.array_equal(isprs.read(), tiles.read())
         assert not np.array_equal(isprs.read(), misread.read())
+
+
+def test_the_help_lists_every_choice_of_the_engine_registries() -> None:
+    """The options are plain text (the CLI does not import torch to start); the help must still
+    name every key of the registries the engine checks them against."""
+    from aerialseg.devices import DEVICE_CHOICES, INFERENCE_PRECISIONS
+    from aerialseg.inference import BLENDS, TTA
+
+    result = runner.invoke(app, ["predict", "--help"], terminal_width=200)
+    text = " ".join(result.output.split())
+    for key in [*TTA, *BLENDS, *DEVICE_CHOICES, *INFERENCE_PRECISIONS]:
+        assert key in text, key
+
+
+def test_a_choice_not_in_its_registry_is_one_line_naming_the_options(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    source = _write(tmp_path / "scene.tif", _image(64, 64))
+    result = _predict(str(source), "-m", str(checkpoint), "-o", str(tmp_path / "out"), "--blend", "hann")
+    assert result.exit_code == 1
+    assert "'hann' is not a window blending; choose one of: uniform, cosine, gaussian" in result.output
+    assert not (tmp_path / "out").exists()
