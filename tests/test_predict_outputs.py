@@ -9,12 +9,21 @@ from pathlib import Path
 import numpy as np
 import pyogrio.raw
 import pytest
+import rasterio
 import shapely
+import torch
 from affine import Affine
+from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
+from rio_cogeo.cogeo import cog_validate
+from typer.testing import CliRunner
 
-from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX
+from aerialseg.checkpoint import save_checkpoint
+from aerialseg.classes import CLASS_NAMES, CLASSES, IGNORE_INDEX
+from aerialseg.cli import app
+from aerialseg.model import build_model, model_args
+from aerialseg.model_card import ModelCard
 from aerialseg.raster import GeoReference, write_raster
 from aerialseg.vectors import LAYER, write_class_polygons
 
@@ -101,3 +110,114 @@ def test_a_value_that_is_no_class_is_named(tmp_path: Path) -> None:
     ):
         write_class_polygons(class_map, tmp_path / "map.gpkg", CLASS_NAMES)
     assert not (tmp_path / "map.gpkg").exists()
+
+
+# --------------------------------------------------------------------------- aerialseg predict
+
+BANDS = ("ir", "r", "g", "dsm")
+# Another projected CRS than the synthetic scenes', non-square pixels, north up.
+LAEA = GeoReference(CRS.from_epsg(3035), Affine(0.3, 0.0, 4_321_000.0, 0.0, -0.2, 3_210_000.0))
+HEIGHT, WIDTH, NODATA_ROWS = 700, 600, 40
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained ResNet18 fcn_skip (the cheapest network with context on a CPU) and its card."""
+    torch.manual_seed(0)
+    args = model_args("fcn_skip", "resnet18", len(BANDS), len(CLASSES))
+    card = ModelCard.for_training(
+        args, bands=BANDS, mean=(0.45, 0.35, 0.3, 2.0), std=(0.2, 0.15, 0.15, 3.0), window=64
+    )
+    path = tmp_path_factory.mktemp("models") / "model.ckpt"
+    save_checkpoint(path, build_model(args).eval(), card)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Smooth scene-like bands (so the classes form regions), the top rows nodata."""
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(0, 1, (len(BANDS), HEIGHT // 32 + 1, WIDTH // 32 + 1)).astype(np.float32)
+    pixels = coarse.repeat(32, axis=1).repeat(32, axis=2)[:, :HEIGHT, :WIDTH].copy()
+    pixels[3] *= 10.0  # heights in metres
+    pixels[:, :NODATA_ROWS] = -1.0
+    return write_raster(tmp_path_factory.mktemp("in") / "scene.tif", pixels, LAEA, nodata=-1.0)
+
+
+def predict(image: Path, checkpoint: Path, out: Path, *options: str) -> None:
+    args = ["predict", str(image), "-m", str(checkpoint), "-o", str(out), "--window", "128"]
+    result = CliRunner().invoke(app, [*args, "--overlap", "0.25", "--no-progress", *options])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory, image: Path, checkpoint: Path) -> dict[str, Path]:
+    """The same input predicted plain and with --cog --vector --probabilities."""
+    plain, gis = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("gis")
+    predict(image, checkpoint, plain, "--probabilities")
+    predict(image, checkpoint, gis, "--probabilities", "--cog", "--vector")
+    return {"plain": plain, "gis": gis}
+
+
+def test_predict_writes_the_gis_outputs_and_nothing_else(outputs: dict[str, Path]) -> None:
+    assert sorted(p.name for p in outputs["plain"].iterdir()) == [
+        "scene.png",
+        "scene.tif",
+        "scene_probabilities.tif",
+    ]
+    assert sorted(p.name for p in outputs["gis"].iterdir()) == [
+        "scene.gpkg",
+        "scene.png",
+        "scene.tif",
+        "scene_probabilities.tif",
+    ]
+
+
+def test_predicted_class_maps_are_palette_tiffs(outputs: dict[str, Path]) -> None:
+    for folder in outputs.values():
+        with Image.open(folder / "scene.tif") as image:
+            assert image.mode == "P"
+
+
+@pytest.mark.parametrize("name", ["scene.tif", "scene_probabilities.tif"])
+def test_cog_outputs_validate_and_hold_the_plain_outputs_pixels(outputs: dict[str, Path], name: str) -> None:
+    cog, plain = outputs["gis"] / name, outputs["plain"] / name
+    valid, errors, warnings = cog_validate(cog, quiet=True)
+    assert valid and not errors and not warnings, (errors, warnings)
+    with rasterio.open(cog) as c, rasterio.open(plain) as p:
+        assert c.overviews(1) == [2] and p.overviews(1) == []
+        assert (c.crs, c.transform, c.nodata, c.descriptions) == (
+            p.crs,
+            p.transform,
+            p.nodata,
+            p.descriptions,
+        )
+        assert c.read().tobytes() == p.read().tobytes()
+        np.testing.assert_array_equal(c.dataset_mask(), p.dataset_mask())
+        assert c.tags()["aerialseg_window"] == "128"
+        if name == "scene.tif":
+            assert c.nodata == IGNORE_INDEX
+            assert c.colormap(1) == p.colormap(1)
+            assert c.colormap(1)[IGNORE_INDEX] == (0, 0, 0, 0)
+        else:
+            assert c.scales == p.scales == (1 / 255,) * len(CLASSES)
+
+
+def test_polygons_cover_the_class_map_in_the_inputs_crs_and_bounds(
+    outputs: dict[str, Path], image: Path
+) -> None:
+    meta, polygons, names, index = read_polygons(outputs["gis"] / "scene.gpkg")
+    assert meta["crs"] == "EPSG:3035"
+    with rasterio.open(image) as src:
+        left, bottom, right, top = src.bounds
+    with rasterio.open(outputs["gis"] / "scene.tif") as src:
+        classes = src.read(1)
+    xmin, ymin, xmax, ymax = shapely.total_bounds(polygons)
+    assert left <= xmin < xmax <= right and bottom <= ymin < ymax <= top
+    assert ymax == pytest.approx(top - NODATA_ROWS * 0.2)  # the nodata rows are left out
+    pixel_area = 0.3 * 0.2
+    areas = np.bincount(index, weights=shapely.area(polygons), minlength=len(CLASSES))
+    pixels = np.bincount(classes.ravel(), minlength=256)[: len(CLASSES)]
+    assert len(set(index)) > 1  # the untrained network still predicts several classes
+    np.testing.assert_allclose(areas, pixels * pixel_area, rtol=1e-9)
+    assert names == [CLASS_NAMES[i] for i in index]

@@ -79,7 +79,9 @@ def predict(
     model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="folder for <stem>.tif, <stem>.png, <stem>_probabilities.tif"),
+        typer.Option(
+            "--output", "-o", help="folder for <stem>.tif, <stem>.png, <stem>_probabilities.tif, <stem>.gpkg"
+        ),
     ] = Path("predictions"),
     window: Annotated[
         int | None,
@@ -109,6 +111,19 @@ def predict(
     ] = False,
     preview: Annotated[bool, typer.Option(help="also write <stem>.png in ISPRS colours")] = True,
     preview_size: Annotated[int, typer.Option(min=16, help="longest side of the PNG preview in px")] = 2048,
+    cog: Annotated[
+        bool,
+        typer.Option(
+            help="write the GeoTIFFs as Cloud Optimized GeoTIFFs with overviews (the class map's by mode)"
+        ),
+    ] = False,
+    vector: Annotated[
+        bool,
+        typer.Option(
+            help="also write <stem>.gpkg: the class map as polygons per class (fields class, "
+            "class_index) in the input's CRS, nodata left out"
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="progress bar (lines when not a terminal)")] = True,
     units: Annotated[
         Literal["tiles", "isprs"],
@@ -141,6 +156,8 @@ def predict(
         probabilities=probabilities,
         preview=preview,
         preview_size=preview_size,
+        cog=cog,
+        vector=vector,
         progress=progress,
         units=units,
     )

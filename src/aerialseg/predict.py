@@ -8,12 +8,17 @@ the finished row blocks as they come.
 Outputs, for an input `<stem>.tif`, in the output folder, each written under a temporary name
 and renamed only when complete:
 
-- `<stem>.tif`: uint8 class index (0-5), 255 = nodata, the input's CRS and transform, tiled
-  256 x 256, deflate, the ISPRS colour table embedded;
+- `<stem>.tif`: uint8 class index (0-5), 255 = nodata, georeferenced like the input (its CRS and
+  transform, or its GCPs); a palette TIFF in the ISPRS colours (`raster.geotiff_writer`: tiled
+  256 x 256, deflate);
 - `<stem>_probabilities.tif` (optional): one uint8 band per class, round(255 x probability)
   (band scale 1/255 set, so GDAL-aware tools read probabilities), an internal mask for nodata;
+- with `cog`, both GeoTIFFs are Cloud Optimized GeoTIFFs with overviews (`raster.to_cog`; the
+  class map's overviews take the most frequent class), same pixels, palette and nodata;
 - `<stem>.png` (optional): the class map in ISPRS colours, decimated to at most `preview_size` px
-  on its longer side; nodata black.
+  on its longer side; nodata black;
+- `<stem>.gpkg` (optional, `vector`): the class map as polygons per class, fields `class` and
+  `class_index`, in the input's CRS, nodata left out (`vectors.write_class_polygons`).
 """
 
 from __future__ import annotations
@@ -25,27 +30,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import rasterio
 from PIL import Image
-from rasterio.io import DatasetReader, DatasetWriter
-from rasterio.windows import Window as RasterWindow
 from torch import nn
 
-from aerialseg.classes import CLASSES, IGNORE_INDEX, index_to_colours
+from aerialseg.classes import IGNORE_INDEX, index_to_colours
 from aerialseg.devices import DeviceError
 from aerialseg.files import atomic_path
 from aerialseg.inference import Settings, count_windows, stream_blocks
 from aerialseg.model_card import ModelCard
 from aerialseg.progress import progress_bar
+from aerialseg.raster import GeoReference, geotiff_writer
 from aerialseg.raster_source import RasterSource, Units, check_units, open_input
+from aerialseg.vectors import write_class_polygons
 
 NODATA = IGNORE_INDEX
 """Class value of pixels that are nodata in the input (255, also the output's nodata value)."""
-TILE = 256
-"""Output GeoTIFF tile size; finished rows are written in whole tile rows."""
 GDAL_CACHE_MB = 64
 """GDAL's block cache, capped: its default (5% of RAM) would otherwise keep the blocks of a large
 input that were already read, and hide whether prediction itself runs in bounded memory."""
@@ -54,70 +56,6 @@ RASTER_SUFFIXES = (".tif", ".tiff")
 
 class PredictError(ValueError):
     """The command cannot run as asked (options, folders, outputs that would collide)."""
-
-
-# --------------------------------------------------------------------------- GeoTIFF output
-
-
-class _TileRowWriter:
-    """Buffers finished rows and writes them to a dataset in whole tile rows (multiples of TILE),
-    so that no compressed tile is written twice."""
-
-    def __init__(self, dst: DatasetWriter, *, mask: bool = False) -> None:
-        self.dst, self.mask = dst, mask
-        self.row = 0
-        self.parts: list[np.ndarray] = []
-        self.valid_parts: list[np.ndarray] = []
-
-    def add(self, data: np.ndarray, valid: np.ndarray | None) -> None:
-        self.parts.append(data)
-        if self.mask:
-            self.valid_parts.append(np.ones(data.shape[1:], bool) if valid is None else valid)
-        buffered = sum(p.shape[1] for p in self.parts)
-        end = (self.row + buffered) // TILE * TILE
-        if end > self.row:
-            self._write(end - self.row)
-
-    def close(self) -> None:
-        buffered = sum(p.shape[1] for p in self.parts)
-        if buffered:
-            self._write(buffered)
-
-    def _write(self, rows: int) -> None:
-        data = np.concatenate(self.parts, axis=1)
-        window = RasterWindow(0, self.row, data.shape[2], rows)
-        self.dst.write(data[:, :rows], window=window)
-        self.parts = [data[:, rows:]] if data.shape[1] > rows else []
-        if self.mask:
-            valid = np.concatenate(self.valid_parts, axis=0)
-            self.dst.write_mask(np.where(valid[:rows], 255, 0).astype(np.uint8), window=window)
-            self.valid_parts = [valid[rows:]] if valid.shape[0] > rows else []
-        self.row += rows
-
-
-def _profile(src: DatasetReader, count: int, nodata: int | None) -> dict[str, Any]:
-    profile: dict[str, Any] = {
-        "driver": "GTiff",
-        "height": src.height,
-        "width": src.width,
-        "count": count,
-        "dtype": "uint8",
-        "crs": src.crs,
-        "transform": src.transform,
-        "nodata": nodata,
-        "compress": "deflate",
-        "BIGTIFF": "IF_SAFER",
-    }
-    # GDAL tiles must be multiples of 16; rasters smaller than a tile stay striped.
-    if src.height >= TILE and src.width >= TILE:
-        profile.update(tiled=True, blockxsize=TILE, blockysize=TILE)
-    return profile
-
-
-def _copy_gcps(src: DatasetReader, dst: DatasetWriter) -> None:
-    gcps, gcp_crs = src.gcps
-    if gcps:  # georeferenced by ground control points rather than a transform
-        dst.gcps = (gcps, gcp_crs)
 
 
 # --------------------------------------------------------------------------- files and folders
@@ -141,6 +79,10 @@ class PredictOptions:
     preview: bool = True
     preview_size: int = 2048
     """Longest side of the PNG preview in px; larger class maps are decimated (nearest)."""
+    cog: bool = False
+    """Write the GeoTIFFs as Cloud Optimized GeoTIFFs with overviews (raster.to_cog)."""
+    vector: bool = False
+    """Also write `<stem>.gpkg`: the class map as polygons per class (vectors.write_class_polygons)."""
     progress: bool = True
     units: Units = "tiles"
     """tiles: bands as the `tiles` stage writes them; isprs: the ISPRS products' own units."""
@@ -151,9 +93,10 @@ class OutputPaths:
     classes: Path
     probabilities: Path | None
     preview: Path | None
+    vector: Path | None = None
 
     def all(self) -> list[Path]:
-        return [p for p in (self.classes, self.probabilities, self.preview) if p is not None]
+        return [p for p in (self.classes, self.probabilities, self.preview, self.vector) if p is not None]
 
 
 @dataclass
@@ -174,6 +117,7 @@ def output_paths(path: Path, output_dir: Path, options: PredictOptions) -> Outpu
         classes=output_dir / f"{stem}.tif",
         probabilities=output_dir / f"{stem}_probabilities.tif" if options.probabilities else None,
         preview=output_dir / f"{stem}.png" if options.preview else None,
+        vector=output_dir / f"{stem}.gpkg" if options.vector else None,
     )
 
 
@@ -284,10 +228,6 @@ def predict_file(
         reader = RasterSource(src, card, options.units)
         height, width = reader.height, reader.width
         n_windows = count_windows(height, width, settings)
-        # Temporary names first: on any error they are removed, and nothing appears under the final names.
-        tmp_classes = stack.enter_context(atomic_path(paths.classes))
-        tmp_probs = stack.enter_context(atomic_path(paths.probabilities)) if paths.probabilities else None
-        tmp_preview = stack.enter_context(atomic_path(paths.preview)) if paths.preview else None
         tags = {
             "aerialseg_model": model_name,
             "aerialseg_input": path.name,
@@ -298,21 +238,42 @@ def predict_file(
             "aerialseg_precision": settings.precision,
             "aerialseg_classes": json.dumps([dict(c) for c in card.classes]),
         }
-        dst = stack.enter_context(rasterio.open(tmp_classes, "w", **_profile(src, 1, NODATA)))
-        _copy_gcps(src, dst)
-        dst.write_colormap(1, {**{c.index: (*c.colour, 255) for c in CLASSES}, NODATA: (0, 0, 0, 0)})
-        dst.set_band_description(1, "class")
-        dst.update_tags(**tags)
-        class_writer = _TileRowWriter(dst)
+        # Each output under a temporary name: on any error it is removed, and nothing appears under
+        # the final names; the GeoTIFFs are georeferenced like the input (its transform or GCPs).
+        georef = GeoReference.of(src)
+        class_writer = stack.enter_context(
+            geotiff_writer(
+                paths.classes,
+                height=height,
+                width=width,
+                georef=georef,
+                cog=options.cog,
+                count=1,
+                dtype=np.uint8,
+                nodata=NODATA,
+                band_names=["class"],
+                tags=tags,
+                class_map=True,
+            )
+        )
         prob_writer = None
-        if tmp_probs is not None:
-            pdst = stack.enter_context(rasterio.open(tmp_probs, "w", **_profile(src, card.num_classes, None)))
-            _copy_gcps(src, pdst)
-            pdst.scales = (1.0 / 255.0,) * card.num_classes
-            for i, name in enumerate(card.class_names, start=1):
-                pdst.set_band_description(i, name)
-            pdst.update_tags(**tags, aerialseg_scale="probability = value / 255")
-            prob_writer = _TileRowWriter(pdst, mask=True)
+        if paths.probabilities is not None:
+            prob_writer = stack.enter_context(
+                geotiff_writer(
+                    paths.probabilities,
+                    height=height,
+                    width=width,
+                    georef=georef,
+                    cog=options.cog,
+                    count=card.num_classes,
+                    dtype=np.uint8,
+                    band_names=card.class_names,
+                    tags={**tags, "aerialseg_scale": "probability = value / 255"},
+                    scales=(1.0 / 255.0,) * card.num_classes,
+                    mask=True,
+                )
+            )
+        tmp_preview = stack.enter_context(atomic_path(paths.preview)) if paths.preview else None
         step = max(1, math.ceil(max(height, width) / options.preview_size))
         preview_rows: list[np.ndarray] = []
         desc = f"predict {path.name}" if options.progress else None
@@ -322,7 +283,7 @@ def predict_file(
                 if block.valid is not None:
                     classes[~block.valid] = NODATA
                 counts += np.bincount(classes.ravel(), minlength=256)
-                class_writer.add(classes[np.newaxis], block.valid)
+                class_writer.add(classes)
                 if prob_writer is not None:
                     scaled = np.rint(block.probabilities * 255.0).astype(np.uint8)
                     if block.valid is not None:
@@ -330,11 +291,10 @@ def predict_file(
                     prob_writer.add(scaled, block.valid)
                 if tmp_preview is not None:
                     preview_rows.append(classes[(-block.row) % step :: step, ::step])
-        class_writer.close()
-        if prob_writer is not None:
-            prob_writer.close()
         if tmp_preview is not None:
             Image.fromarray(index_to_colours(np.concatenate(preview_rows, axis=0))).save(tmp_preview, "PNG")
+    if paths.vector is not None:  # from the finished class map: its pixels, its georeference
+        write_class_polygons(paths.classes, paths.vector, card.class_names)
     names = card.class_names
     return PredictResult(
         input=path,
