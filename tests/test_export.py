@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -15,10 +14,11 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from aerialseg.checkpoint import save_checkpoint
+from aerialseg.checkpoint import load_checkpoint, save_checkpoint
 from aerialseg.cli import app
-from aerialseg.export import ExportError, export_onnx, read_metadata
+from aerialseg.export import ExportError, export_onnx, read_model_card
 from aerialseg.model import build_model, model_args
+from aerialseg.model_card import ModelCard
 from aerialseg.patches import BandStats
 
 BANDS = ["ir", "r", "g", "dsm"]
@@ -32,7 +32,8 @@ def _checkpoint(path: Path, arch: str) -> tuple[Path, nn.Module]:
     torch.manual_seed(0)
     args = model_args(arch, "resnet18", len(BANDS), 6)
     model = build_model(args).eval()
-    save_checkpoint(path, model, args, bands=BANDS, stats=STATS, patch_size=PATCH, config={}, metrics={})
+    card = ModelCard.for_training(args, bands=BANDS, mean=STATS.mean, std=STATS.std, window=PATCH)
+    save_checkpoint(path, model, card)
     return path, model
 
 
@@ -56,9 +57,9 @@ def test_export_writes_a_dynamic_onnx_model_with_pytorchs_classes(tmp_path: Path
         expected = model(torch.from_numpy(x)).argmax(dim=1).numpy()
     assert np.array_equal(_onnx_classes(out, x), expected)
 
-    meta = read_metadata(out)
-    assert meta["bands"] == BANDS and meta["patch_size"] == PATCH
-    assert meta["band_mean"] == pytest.approx(STATS.mean)
+    card = read_model_card(out)
+    assert card.bands == tuple(BANDS) and card.window == PATCH
+    assert card.band_mean == pytest.approx(STATS.mean)
     proto = onnx.load(str(out))
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["band_std"]) == pytest.approx(STATS.std)
@@ -69,9 +70,8 @@ def test_export_writes_a_dynamic_onnx_model_with_pytorchs_classes(tmp_path: Path
 
 def test_the_torchscript_exporter_gives_the_same_classes_for_the_default_architecture(tmp_path: Path) -> None:
     _, model = _checkpoint(tmp_path / "model.ckpt", "fpn")
-    meta: dict[str, Any] = {"bands": BANDS, "band_mean": list(STATS.mean), "band_std": list(STATS.std),
-                            "patch_size": PATCH, "classes": []}  # fmt: skip
-    result = export_onnx(model, meta, tmp_path / "fpn.onnx", exporter="torchscript", check_size=(128, 96))
+    _, card = load_checkpoint(tmp_path / "model.ckpt")
+    result = export_onnx(model, card, tmp_path / "fpn.onnx", exporter="torchscript", check_size=(128, 96))
     assert result.parity.ok and result.parity.disagreeing_pixels == 0
     assert result.parity.shape == (2, len(BANDS), 128, 96)
     assert result.parity.max_abs_logit_diff < 1e-3
@@ -92,10 +92,10 @@ class SizeSpecialised(nn.Module):
 
 
 def test_a_model_onnxruntime_does_not_reproduce_fails_the_export_and_leaves_no_file(tmp_path: Path) -> None:
-    meta = {"bands": BANDS, "band_mean": [0.0] * 4, "band_std": [1.0] * 4, "patch_size": PATCH, "classes": []}
+    card = ModelCard.for_training({}, bands=BANDS, mean=[0.0] * 4, std=[1.0] * 4, window=PATCH)
     out = tmp_path / "bad.onnx"
     with pytest.raises(ExportError, match="onnxruntime does not reproduce PyTorch"):
-        export_onnx(SizeSpecialised().eval(), meta, out, exporter="torchscript")
+        export_onnx(SizeSpecialised().eval(), card, out, exporter="torchscript")
     assert list(tmp_path.iterdir()) == []
 
 

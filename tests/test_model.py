@@ -10,6 +10,7 @@ import torch
 
 from aerialseg.checkpoint import load_checkpoint, save_checkpoint
 from aerialseg.model import WeightsUnavailableError, build_model, check_input_size, model_args
+from aerialseg.model_card import ModelCard
 from aerialseg.patches import BandStats
 
 ARGS = model_args("fpn", "resnet18", in_channels=4, num_classes=6)
@@ -46,24 +47,25 @@ def test_size_not_multiple_of_32_is_a_clear_error(height: int, width: int) -> No
 def test_checkpoint_round_trip_rebuilds_the_same_model(model: torch.nn.Module, tmp_path: Path) -> None:
     stats = BandStats((0.1, 0.2, 0.3, 4.0), (1.0, 1.0, 1.0, 2.0))
     path = tmp_path / "model.ckpt"
-    save_checkpoint(
-        path,
-        model,
+    card = ModelCard.for_training(
         ARGS,
         bands=["ir", "r", "g", "dsm"],
-        stats=stats,
-        patch_size=64,
+        mean=stats.mean,
+        std=stats.std,
+        window=64,
         config={"model": {"encoder": "resnet18"}},
         metrics={"val_mean_f1": 0.5},
     )
-    rebuilt, meta = load_checkpoint(path)
+    save_checkpoint(path, model, card)
+    rebuilt, loaded = load_checkpoint(path)
     x = torch.randn(1, 4, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model.eval()(x))
-    assert meta["bands"] == ["ir", "r", "g", "dsm"]
-    assert meta["band_mean"] == list(stats.mean) and meta["band_std"] == list(stats.std)
-    assert [c["name"] for c in meta["classes"]][:2] == ["impervious_surfaces", "building"]
-    assert meta["model_args"] == ARGS and meta["patch_size"] == 64
+    assert loaded == card  # every field, the training's config and metrics included
+    assert loaded.bands == ("ir", "r", "g", "dsm") and loaded.units == ("reflectance",) * 3 + ("m",)
+    assert loaded.band_mean == stats.mean and loaded.band_std == stats.std
+    assert loaded.class_names[:2] == ["impervious_surfaces", "building"]
+    assert loaded.model_args == ARGS and loaded.window == 64
     assert list(tmp_path.iterdir()) == [path]
 
 
@@ -159,16 +161,8 @@ def test_fcn_skip_checkpoint_round_trip_and_local_weights(tmp_path: Path) -> Non
         net.encoder.state_dict()["layer2.0.conv1.weight"],
         source.encoder.state_dict()["layer2.0.conv1.weight"],
     )
-    save_checkpoint(
-        tmp_path / "m.ckpt",
-        net,
-        args,
-        bands=["ir", "r", "g"],
-        stats=BandStats((0, 0, 0), (1, 1, 1)),
-        patch_size=64,
-        config={},
-        metrics={},
-    )
+    card = ModelCard.for_training(args, bands=["ir", "r", "g"], mean=(0, 0, 0), std=(1, 1, 1), window=64)
+    save_checkpoint(tmp_path / "m.ckpt", net, card)
     rebuilt, _ = load_checkpoint(tmp_path / "m.ckpt")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -59,7 +59,7 @@ CPU_OVERRIDES: dict[str, dict[str, Any]] = {
         "pretrained": "none",  # ImageNet weights cannot be downloaded here
         "num_workers": 0,
     },
-    "evaluate": {"tta": False},
+    "evaluate": {"tta": "none"},
 }
 
 

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from aerialseg import progress
-from aerialseg.inference import predict_probabilities
+from aerialseg.inference import Settings, predict_probabilities
 from aerialseg.progress import (
     DEFAULT_INTERVAL,
     LineProgress,
@@ -141,11 +141,13 @@ class _Flat(torch.nn.Module):
 
 def test_whole_tile_inference_reports_its_windows(capsys: pytest.CaptureFixture[str]) -> None:
     image = np.zeros((4, 96, 96), dtype=np.float32)
-    predict_probabilities(_Flat(), image, window=64, overlap=0.5, batch_size=2, progress="predict area7")
+    predict_probabilities(
+        _Flat(), image, Settings(window=64, overlap=0.5, batch_size=2), progress="predict area7"
+    )
     err = capsys.readouterr().err
     assert "\r" not in err
     assert re.match(r"predict area7: 100% 4/4 window \[", err)
-    predict_probabilities(_Flat(), image, window=64, overlap=0.5)  # no progress asked: silent
+    predict_probabilities(_Flat(), image, Settings(window=64, overlap=0.5))  # no progress asked: silent
     assert capsys.readouterr().err == ""
 
 

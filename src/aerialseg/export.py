@@ -173,16 +173,13 @@ def _add_metadata(path: Path, meta: dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The aerialseg metadata of an exported model."""
+def read_model_card(path: Path) -> ModelCard:
+    """The model card embedded in an exported model; ModelCardError naming `path` without one."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
-    if "aerialseg" not in props:
-        raise ValueError(f"{path}: no aerialseg metadata in the ONNX model")
-    meta: dict[str, Any] = json.loads(props["aerialseg"])
-    return meta
+    return ModelCard.from_dict(json.loads(props["aerialseg"]) if "aerialseg" in props else None, str(path))
 
 
 @torch.no_grad()
