@@ -19,6 +19,7 @@ from rasterio.crs import CRS
 from rio_cogeo.cogeo import cog_validate
 from typer.testing import CliRunner
 
+from aerialseg import vectors
 from aerialseg.checkpoint import save_checkpoint
 from aerialseg.classes import CLASS_NAMES, CLASSES, IGNORE_INDEX
 from aerialseg.cli import app
@@ -48,7 +49,12 @@ def scene() -> np.ndarray:
     return classes
 
 
-def test_a_building_comes_back_as_one_polygon_of_its_area(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_vertices", [vectors.WRITE_BATCH_VERTICES, 1])
+def test_a_building_comes_back_as_one_polygon_of_its_area(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_vertices: int
+) -> None:
+    """Also with one polygon per batch: every batch after the first is appended to the layer."""
+    monkeypatch.setattr(vectors, "WRITE_BATCH_VERTICES", batch_vertices)
     class_map = write_raster(tmp_path / "map.tif", scene(), UTM, colormap=True, nodata=IGNORE_INDEX)
     counts = write_class_polygons(class_map, tmp_path / "map.gpkg", CLASS_NAMES)
     assert counts == {
