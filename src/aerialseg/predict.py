@@ -24,6 +24,7 @@ and renamed only when complete:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -240,14 +241,12 @@ def predict_file(
         }
         # Each output under a temporary name: on any error it is removed, and nothing appears under
         # the final names; the GeoTIFFs are georeferenced like the input (its transform or GCPs).
-        georef = GeoReference.of(src)
+        on_input_grid = functools.partial(
+            geotiff_writer, height=height, width=width, georef=GeoReference.of(src), cog=options.cog
+        )
         class_writer = stack.enter_context(
-            geotiff_writer(
+            on_input_grid(
                 paths.classes,
-                height=height,
-                width=width,
-                georef=georef,
-                cog=options.cog,
                 count=1,
                 dtype=np.uint8,
                 nodata=NODATA,
@@ -259,12 +258,8 @@ def predict_file(
         prob_writer = None
         if paths.probabilities is not None:
             prob_writer = stack.enter_context(
-                geotiff_writer(
+                on_input_grid(
                     paths.probabilities,
-                    height=height,
-                    width=width,
-                    georef=georef,
-                    cog=options.cog,
                     count=card.num_classes,
                     dtype=np.uint8,
                     band_names=card.class_names,
