@@ -13,7 +13,7 @@ import segmentation_models_pytorch as smp
 import torch
 from common import record
 
-from aerialseg.inference import predict_probabilities
+from aerialseg.inference import Settings, predict_probabilities
 from aerialseg.windows import window_grid
 
 TILE, WINDOW, OVERLAP, BATCH, ROUNDS = 1024, 256, 0.5, 8, 2
@@ -41,7 +41,8 @@ def main() -> None:
             torch.softmax(model(batch[:n]), dim=1).cpu()
 
     def whole_tile() -> None:
-        predict_probabilities(model, image, window=WINDOW, overlap=OVERLAP, batch_size=BATCH, device=device)
+        settings = Settings(window=WINDOW, overlap=OVERLAP, batch_size=BATCH, precision="32", device=device)
+        predict_probabilities(model, image, settings)
 
     # Alternate the two and keep each one's fastest round: a noisy machine slows single runs.
     forward_passes()  # warm-up

@@ -37,9 +37,8 @@ from rasterio.crs import CRS
 from rasterio.windows import Window as RasterWindow
 from torch import nn
 
-from aerialseg.checkpoint import describe
 from aerialseg.model import build_model, model_args
-from aerialseg.patches import BandStats
+from aerialseg.model_card import ModelCard
 
 BANDS, CLASSES, WINDOW, OVERLAP, BATCH = 4, 6, 256, 0.5, 4
 LARGE, MEDIUM, REAL = 6000, 2000, 512
@@ -68,7 +67,7 @@ def make_raster(path: Path, size: int) -> None:
             dst.write(strip, window=RasterWindow(0, top, size, rows))
 
 
-def network(kind: str) -> tuple[nn.Module, dict[str, Any]]:
+def network(kind: str) -> tuple[nn.Module, ModelCard]:
     torch.manual_seed(0)
     if kind == "fpn-resnet18":
         args = model_args("fpn", "resnet18", BANDS, CLASSES)
@@ -76,8 +75,10 @@ def network(kind: str) -> tuple[nn.Module, dict[str, Any]]:
     else:  # 1x1 convolution
         args = {"arch": "conv1x1"}
         model = nn.Conv2d(BANDS, CLASSES, kernel_size=1)
-    stats = BandStats(mean=(0.5,) * BANDS, std=(0.3,) * BANDS)
-    return model.eval(), describe(args, bands=["ir", "r", "g", "dsm"], stats=stats, patch_size=WINDOW)
+    card = ModelCard.for_training(
+        args, bands=["ir", "r", "g", "dsm"], mean=(0.5,) * BANDS, std=(0.3,) * BANDS, window=WINDOW
+    )
+    return model.eval(), card
 
 
 def _status(key: str) -> int:
@@ -90,11 +91,11 @@ def _status(key: str) -> int:
 
 def run_case(case: str, raster: Path, kind: str, out: Path) -> dict[str, Any]:
     """One measurement, in this (fresh) process."""
-    from aerialseg.inference import predict_probabilities
+    from aerialseg.inference import Settings, predict_probabilities
     from aerialseg.predict import PredictOptions, predict_file
     from aerialseg.raster import read_raster, write_raster
 
-    model, meta = network(kind)
+    model, card = network(kind)
     with torch.no_grad():  # warm-up: first-call allocations belong to the baseline
         model(torch.zeros(BATCH, BANDS, WINDOW, WINDOW))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -102,16 +103,19 @@ def run_case(case: str, raster: Path, kind: str, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     if case == "stream":
         options = PredictOptions(
-            overlap=OVERLAP, batch_size=BATCH, device="cpu", probabilities=True, preview=True, progress=False
+            overlap=OVERLAP,
+            batch_size=BATCH,
+            device="cpu",
+            precision="32",
+            probabilities=True,
+            preview=True,
+            progress=False,
         )
-        predict_file(model, meta, raster, out, options)
+        predict_file(model, card, raster, out, options)
     else:
         image, georef = read_raster(raster)
-        mean = np.asarray(meta["band_mean"], dtype=np.float32)[:, None, None]
-        std = np.asarray(meta["band_std"], dtype=np.float32)[:, None, None]
-        probs = predict_probabilities(
-            model, (image - mean) / std, window=WINDOW, overlap=OVERLAP, batch_size=BATCH
-        )
+        settings = Settings(window=WINDOW, overlap=OVERLAP, batch_size=BATCH, precision="32")
+        probs = predict_probabilities(model, card.normalise(image), settings)
         write_raster(out / "in_memory.tif", probs.argmax(axis=0).astype(np.uint8), georef, colormap=True)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss": _status("VmHWM"), "rss_before": before}

@@ -56,11 +56,13 @@ def test_stitched_prediction_equals_whole_image_prediction(height: int, width: i
 def test_overlapping_windows_are_averaged_not_overwritten() -> None:
     image = np.zeros((1, 32, 64), dtype=np.float32)
     # Windows at columns 0 and 32: the middle 0..32 of the second window overlaps the first's right half.
-    probs = predict_probabilities(OffsetNet(), image, Settings(window=32, overlap=0.0, batch_size=1))
+    probs = predict_probabilities(
+        OffsetNet(), image, Settings(window=32, overlap=0.0, batch_size=1, blend="uniform")
+    )
     single = torch.softmax(OffsetNet()(torch.zeros(1, 1, 32, 32)), dim=1)[0].numpy()
     np.testing.assert_allclose(probs[:, :, :32], single, rtol=1e-6)
     both = predict_probabilities(
-        OffsetNet(), np.zeros((1, 32, 48), np.float32), Settings(window=32, overlap=0.0)
+        OffsetNet(), np.zeros((1, 32, 48), np.float32), Settings(window=32, overlap=0.0, blend="uniform")
     )
     # Columns 16..31 are covered by windows at 0 and 16: their value is the mean of both views.
     first, second = single[:, :, 16:32], single[:, :, 0:16]
@@ -112,7 +114,7 @@ def test_smooth_blending_weighs_window_centres_above_window_borders() -> None:
     """OffsetNet's scores depend on the position in the window; where two windows overlap, a
     cosine blend follows the window whose centre is nearer, a uniform one takes the plain mean."""
     image = np.zeros((1, 32, 48), np.float32)
-    uniform = predict_probabilities(OffsetNet(), image, Settings(window=32, overlap=0.0))
+    uniform = predict_probabilities(OffsetNet(), image, Settings(window=32, overlap=0.0, blend="uniform"))
     cosine = predict_probabilities(OffsetNet(), image, Settings(window=32, overlap=0.0, blend="cosine"))
     single = torch.softmax(OffsetNet()(torch.zeros(1, 1, 32, 32)), dim=1)[0].numpy()
     # Column 17 is 1 px into the overlap: near the first window's right border (col 17 of 32) and

@@ -100,7 +100,7 @@ def predict(
         typer.Option(
             help="window blending: uniform (mean), cosine (Hann window) or gaussian (sigma = window/8)"
         ),
-    ] = "uniform",
+    ] = "cosine",
     device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps")] = "auto",
     precision: Annotated[
         str,

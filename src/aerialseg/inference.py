@@ -127,7 +127,7 @@ class Settings:
     overlap: float = 0.5
     batch_size: int = 4
     tta: str = "none"
-    blend: str = "uniform"
+    blend: str = "cosine"
     precision: str = "32"
     """`auto`, `32` or `bf16` (autocast); `32` inside Lightning, whose own autocast then applies."""
     device: str = "cpu"

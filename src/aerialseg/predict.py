@@ -70,8 +70,8 @@ class PredictOptions:
     batch_size: int = 4
     tta: str = "none"
     """none, flip or d4 (inference.TTA)."""
-    blend: str = "uniform"
-    """uniform, cosine or gaussian (inference.BLENDS)."""
+    blend: str = "cosine"
+    """cosine, uniform or gaussian (inference.BLENDS)."""
     device: str = "auto"
     """auto, cpu, cuda or mps (devices.resolve_device)."""
     precision: str = "auto"
