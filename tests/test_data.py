@@ -1,4 +1,5 @@
-"""PatchDataset: normalised samples, aligned augmentation, safe across worker processes."""
+"""PatchDataset: compact samples and batches, aligned D4 augmentation, safe across worker
+processes; Decode (normalised floats on the device); SpectralJitter; ValidationTiles."""
 
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
-from aerialseg.data import PatchDataset, SpectralJitter
+from aerialseg.data import Decode, PatchDataset, SpectralJitter, ValidationTiles, d4, d4_into
+from aerialseg.datamodule import EpochBatches, EpochShards
 from aerialseg.datasets.isprs import read_tiles_table
 from aerialseg.datasets.synthetic import area_georeference
-from aerialseg.patches import band_statistics, read_patch_info, write_patches
-from aerialseg.raster import write_raster
+from aerialseg.patches import (
+    band_codings,
+    band_statistics,
+    decode_bands,
+    read_patch_info,
+    read_tile_file_info,
+    read_validation_tile,
+    write_patches,
+)
+from aerialseg.raster import read_raster, write_raster
 
 BANDS = ["ir", "r", "g", "dsm"]
 SPECTRAL = [0, 1, 2]
@@ -38,13 +48,19 @@ def symmetries_between(before: np.ndarray, after: np.ndarray) -> list[int]:
     return [k for k, t in enumerate(DIHEDRAL) if np.array_equal(t(before), after)]
 
 
-def stored(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def stored(path: Path) -> dict[str, np.ndarray]:
+    """The file's arrays as stored: image (N, 3, H, W) uint8, height (N, 1, H, W) int16, mask."""
     with h5py.File(path, "r") as h5:
-        return h5["image"][:], h5["mask"][:]
+        return {name: h5[name][:] for name in ("image", "height", "mask")}
+
+
+def decoded(path: Path) -> np.ndarray:
+    """(N, C, H, W) float32 tile values of every patch (patches.decode_bands)."""
+    return decode_bands(stored(path), read_patch_info(path).codings)
 
 
 def normalised(path: Path, image: np.ndarray) -> np.ndarray:
-    """What the dataset should return for a raw image: (x - mean) / std, in float32."""
+    """What the network should get for tile values: (x - mean) / std, in float32."""
     stats = read_patch_info(path).stats
     mean = np.asarray(stats.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(stats.std, dtype=np.float32)[:, None, None]
@@ -65,10 +81,10 @@ def patch_file(tmp_path_factory: pytest.TempPathFactory, synthetic_tiles: Path) 
 def marked_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Patches of a tile whose every band value is unique, so any pixel can be traced.
 
-    The height band holds distinct values: after augmentation it identifies which of the eight
-    square symmetries was applied, and the mask and spectral bands must have moved the same way.
-    Spectral values are distinct and evenly spaced in [0.3, 0.7], far from zero, so photometric
-    jitter (monotonic) keeps their order.
+    The height band holds distinct values (whole centimetres, so stored exactly): after
+    augmentation it identifies which of the eight square symmetries was applied, and the mask and
+    spectral bands must have moved the same way. Spectral values are evenly spread in [0.3, 0.7],
+    far from zero, so photometric jitter (monotonic) keeps their order.
     """
     rng = np.random.default_rng(0)
     side = 2 * SIZE
@@ -101,85 +117,156 @@ def marked_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# Samples without augmentation
+# Samples without augmentation: the stored arrays, compact
 
 
 def test_sample_types_and_shapes(patch_file: Path) -> None:
     dataset = PatchDataset(patch_file)
     assert len(dataset) == read_patch_info(patch_file).length == 18
     sample = dataset[0]
-    assert set(sample) == {"image", "mask"}
-    assert isinstance(sample["image"], torch.Tensor) and isinstance(sample["mask"], torch.Tensor)
-    assert sample["image"].dtype == torch.float32
-    assert sample["image"].shape == (len(BANDS), SIZE, SIZE)
-    assert sample["mask"].dtype == torch.int64
-    assert sample["mask"].shape == (SIZE, SIZE)
+    assert set(sample) == {"image", "height", "mask"}
+    assert all(isinstance(v, torch.Tensor) for v in sample.values())
+    assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, SIZE, SIZE)
+    assert sample["height"].dtype == torch.int16 and sample["height"].shape == (1, SIZE, SIZE)
+    assert sample["mask"].dtype == torch.uint8 and sample["mask"].shape == (SIZE, SIZE)
 
 
-def test_samples_are_normalised_with_the_file_statistics(patch_file: Path) -> None:
+def test_samples_are_the_stored_arrays(patch_file: Path) -> None:
     dataset = PatchDataset(patch_file, augment=False)
-    images, masks = stored(patch_file)
-    expected = normalised(patch_file, images)
+    arrays = stored(patch_file)
     for i in range(len(dataset)):
         sample = dataset[i]
-        np.testing.assert_allclose(sample["image"].numpy(), expected[i], rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(sample["mask"].numpy(), masks[i].astype(np.int64))
-    # Normalisation actually happened: the stored values are not already standardised.
-    assert not np.allclose(images, expected, atol=1e-2)
-    # Over the training tiles' patches, every band is roughly standardised.
-    batch = expected.transpose(1, 0, 2, 3).reshape(len(BANDS), -1)
-    np.testing.assert_allclose(batch.mean(axis=1), 0.0, atol=0.3)
-    np.testing.assert_allclose(batch.std(axis=1), 1.0, atol=0.3)
+        for key, values in arrays.items():
+            np.testing.assert_array_equal(sample[key].numpy(), values[i])
+
+
+def test_a_list_of_indices_reads_a_batch(patch_file: Path) -> None:
+    dataset = PatchDataset(patch_file, augment=True, seed=4)
+    indices = [(2, 7), (2, 0), (2, 7), (2, 17)]
+    batch = dataset[indices]
+    for row, index in enumerate(indices):
+        sample = dataset[index]
+        for key in ("image", "height", "mask"):
+            assert batch[key].shape == (len(indices), *sample[key].shape)
+            assert torch.equal(batch[key][row], sample[key])
 
 
 def test_without_augmentation_samples_repeat(patch_file: Path) -> None:
     dataset = PatchDataset(patch_file, augment=False)
     first, second = dataset[5], dataset[5]
-    assert torch.equal(first["image"], second["image"])
-    assert torch.equal(first["mask"], second["mask"])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+# --------------------------------------------------------------------------------------
+# Decode: compact batch -> normalised float, on the training device
+
+
+def test_decode_gives_the_normalised_tile_values(patch_file: Path, synthetic_tiles: Path) -> None:
+    info = read_patch_info(patch_file)
+    dataset = PatchDataset(patch_file)
+    batch = dataset[list(range(len(dataset)))]
+    image = Decode.from_info(info)(batch)
+    assert image.dtype == torch.float32 and image.shape == (len(dataset), len(BANDS), SIZE, SIZE)
+    expected = normalised(patch_file, decoded(patch_file))
+    np.testing.assert_allclose(image.numpy(), expected, rtol=0, atol=1e-5)
+    # Against the tiles themselves: spectral values exact (8-bit sources), heights to 5 mm.
+    with h5py.File(patch_file, "r") as h5:
+        tile_ids, offsets = h5["tile"][:], h5["offset"][:]
+    tiles = read_tiles_table(synthetic_tiles, "train")
+    values = [read_raster(synthetic_tiles / name)[0] for name in tiles["image"]]
+    windows = np.stack(
+        [values[t][:, r : r + SIZE, c : c + SIZE] for t, (r, c) in zip(tile_ids, offsets, strict=True)]
+    )
+    std = np.asarray(info.stats.std)
+    truth = normalised(patch_file, windows)
+    np.testing.assert_allclose(image.numpy()[:, SPECTRAL], truth[:, SPECTRAL], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        image.numpy()[:, HEIGHT], truth[:, HEIGHT], rtol=0, atol=0.005 / std[HEIGHT] + 1e-5
+    )
+    # Normalisation happened: over the training patches every band is roughly standardised.
+    bands = image.numpy().transpose(1, 0, 2, 3).reshape(len(BANDS), -1)
+    np.testing.assert_allclose(bands.mean(axis=1), 0.0, atol=0.3)
+    np.testing.assert_allclose(bands.std(axis=1), 1.0, atol=0.3)
+
+
+def test_decode_puts_the_bands_back_in_the_file_order() -> None:
+    bands = ["dsm", "r", "ndsm", "g"]
+    codings = band_codings(bands)
+    mean, std = (1.0, 0.5, 2.0, 0.25), (2.0, 0.25, 4.0, 0.5)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "image": rng.integers(0, 256, (2, 2, 8, 8), dtype=np.uint8),
+        "height": rng.integers(-500, 3000, (2, 2, 8, 8)).astype(np.int16),
+    }
+    out = Decode(codings, mean, std)({k: torch.from_numpy(v) for k, v in arrays.items()})
+    values = decode_bands(arrays, codings)
+    assert values[:, 0].tolist() == (arrays["height"][:, 0] * 0.01).astype(np.float32).tolist()
+    expected = (values - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[
+        :, None, None
+    ]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_validation_tiles_are_normalised_float32_tiles(patches_dir: Path) -> None:
+    tiles = ValidationTiles(patches_dir / "val.h5")
+    item = tiles[0]
+    info = read_tile_file_info(patches_dir / "val.h5")
+    values, reference = read_validation_tile(info, "area3")
+    assert item["tile"] == "area3"
+    assert item["image"].dtype == np.float32 and item["image"].shape == values.shape
+    mean = np.asarray(info.stats.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(info.stats.std, dtype=np.float32)[:, None, None]
+    np.testing.assert_allclose(item["image"], (values - mean) / std, rtol=1e-6, atol=1e-6)
+    assert item["reference"].dtype == np.uint8
+    np.testing.assert_array_equal(item["reference"], reference)
+    assert tiles[-1] == {"tile": None}
 
 
 # --------------------------------------------------------------------------------------
 # Augmentation
 
 
+def test_d4_gives_the_eight_symmetries() -> None:
+    square = np.arange(16).reshape(4, 4)
+    found = [symmetries_between(square, d4(square, k)) for k in range(8)]
+    assert sorted(m for (m,) in found) == list(range(8))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
+def test_d4_into_writes_the_symmetry_into_the_batch(dtype: type) -> None:
+    array = np.random.default_rng(0).integers(-100, 200, (3, 5, 5)).astype(dtype)
+    for k in range(8):
+        out = np.zeros_like(array)
+        d4_into(array, k, out)
+        np.testing.assert_array_equal(out, d4(array, k))
+        d4_into(array[0], k, out[1])  # one plane
+        np.testing.assert_array_equal(out[1], d4(array[0], k))
+
+
 def test_augmentation_keeps_bands_and_mask_aligned(marked_file: Path) -> None:
+    torch.manual_seed(0)
     dataset = PatchDataset(marked_file, augment=True)
-    assert dataset.augment is not None
-    dataset.augment.set_random_seed(0)
-    images, masks = stored(marked_file)
-    expected = normalised(marked_file, images)
+    arrays = stored(marked_file)
     symmetries: set[int] = set()
 
     for draw in range(AUGMENTED_SAMPLES):
         i = draw % len(dataset)
-        sample = dataset[i]
-        image, mask = sample["image"].numpy(), sample["mask"].numpy()
-        assert image.shape == (len(BANDS), SIZE, SIZE) and image.dtype == np.float32
-        assert mask.shape == (SIZE, SIZE) and mask.dtype == np.int64
-
-        # Heights: untouched by photometric jitter, so an exact permutation of the originals...
-        np.testing.assert_array_equal(
-            np.sort(image[HEIGHT], axis=None), np.sort(expected[i, HEIGHT], axis=None)
-        )
-        # ...and exactly one of the eight symmetries of the stored patch.
-        matches = symmetries_between(expected[i, HEIGHT], image[HEIGHT])
+        sample = {k: v.numpy() for k, v in dataset[i].items()}
+        # The heights are exactly one of the eight symmetries of the stored patch...
+        matches = symmetries_between(arrays["height"][i, 0], sample["height"][0])
         assert len(matches) == 1, f"sample {draw}: heights are not a flip/rotation of the stored patch"
         transform = DIHEDRAL[matches[0]]
         symmetries.add(matches[0])
-
-        # The mask moved with the heights (ignored pixels included).
-        np.testing.assert_array_equal(mask, transform(masks[i]).astype(np.int64))
-
-        # Spectral bands moved the same way and are otherwise untouched (jitter is on the batch).
-        np.testing.assert_allclose(image[SPECTRAL], transform(expected[i, SPECTRAL]), rtol=0, atol=1e-6)
+        # ...and the mask (ignored pixels included) and spectral bands moved the same way.
+        np.testing.assert_array_equal(sample["mask"], transform(arrays["mask"][i]))
+        np.testing.assert_array_equal(sample["image"], transform(arrays["image"][i]))
 
     assert len(symmetries) >= 6, f"only symmetries {sorted(symmetries)} seen"
 
 
 def test_augmentation_on_real_patches_keeps_label_values(patch_file: Path) -> None:
     dataset = PatchDataset(patch_file, augment=True)
-    _, masks = stored(patch_file)
+    masks = stored(patch_file)["mask"]
     for i in range(len(dataset)):
         mask = dataset[i]["mask"].numpy()
         # A flip or rotation moves labels, never changes their counts.
@@ -188,13 +275,16 @@ def test_augmentation_on_real_patches_keeps_label_values(patch_file: Path) -> No
         )
 
 
+# --------------------------------------------------------------------------------------
+# Photometric jitter (on the batch, on the device)
+
+
 def test_spectral_jitter_changes_some_samples_monotonically_and_never_the_heights(
     marked_file: Path,
 ) -> None:
     info = read_patch_info(marked_file)
     jitter = SpectralJitter(info.bands, info.stats.mean, info.stats.std)
-    images, _ = stored(marked_file)
-    batch = torch.from_numpy(normalised(marked_file, images))
+    batch = torch.from_numpy(normalised(marked_file, decoded(marked_file)))
     torch.manual_seed(0)
     out = jitter(batch)
     assert out.shape == batch.shape and out.dtype == batch.dtype
@@ -237,35 +327,50 @@ def test_pickles_without_an_open_file(patch_file: Path) -> None:
     clone = pickle.loads(pickle.dumps(dataset))
     assert not any(isinstance(v, h5py.File | h5py.Dataset) for v in vars(clone).values())
     after = clone[3]
-    assert torch.equal(before["image"], after["image"])
-    assert torch.equal(before["mask"], after["mask"])
+    assert all(torch.equal(before[k], after[k]) for k in before)
     # The original keeps working after being pickled.
     assert torch.equal(dataset[4]["mask"], clone[4]["mask"])
 
 
 def test_dataloader_with_workers_reads_every_patch(patch_file: Path) -> None:
     dataset = PatchDataset(patch_file)
-    images, masks = stored(patch_file)
+    arrays = stored(patch_file)
     loader = DataLoader(dataset, batch_size=4, num_workers=2, shuffle=False)
     batches = list(loader)
     assert len(batches) == 5
-    got_images = torch.cat([b["image"] for b in batches]).numpy()
-    got_masks = torch.cat([b["mask"] for b in batches]).numpy()
-    assert got_masks.shape == (len(dataset), SIZE, SIZE)
-    np.testing.assert_array_equal(got_masks, masks.astype(np.int64))
-    np.testing.assert_allclose(got_images, normalised(patch_file, images), rtol=1e-6, atol=1e-6)
+    for key, values in arrays.items():
+        np.testing.assert_array_equal(torch.cat([b[key] for b in batches]).numpy(), values)
+
+
+def test_epoch_batches_through_workers_are_the_batches_read_here(patch_file: Path) -> None:
+    """The training loader's way (datamodule.PatchData): lists of (epoch, patch) to the dataset,
+    which writes each batch into shared memory in the worker; the same batches as read here."""
+    shards = EpochShards(PatchDataset(patch_file), 1, 0, seed=3)
+    shards.set_epoch(2)
+    batches = EpochBatches(shards, 4)
+    assert len(batches) == 5 and [len(b) for b in batches] == [4, 4, 4, 4, 2]
+    here = PatchDataset(patch_file, augment=True, seed=3)
+    loader = DataLoader(
+        PatchDataset(patch_file, augment=True, seed=3), batch_size=None, sampler=batches, num_workers=2
+    )
+    seen = 0
+    for indices, batch in zip(batches, loader, strict=True):
+        expected = here[indices]
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+        assert batch["image"].is_shared() and batch["height"].dtype == torch.int16
+        seen += len(indices)
+    assert seen == len(shards)
 
 
 def test_workers_draw_different_augmentations(marked_file: Path) -> None:
     dataset = PatchDataset(marked_file, augment=True)
-    images, _ = stored(marked_file)
-    expected = normalised(marked_file, images)
+    heights = stored(marked_file)["height"]
     torch.manual_seed(0)
     order = [i % len(dataset) for i in range(32)]
     loader = DataLoader(dataset, batch_size=1, num_workers=2, sampler=order)
     drawn = []
     for i, batch in zip(order, loader, strict=True):
-        (symmetry,) = symmetries_between(expected[i, HEIGHT], batch["image"][0, HEIGHT].numpy())
+        (symmetry,) = symmetries_between(heights[i, 0], batch["height"][0, 0].numpy())
         drawn.append(symmetry)
     # Batches go to the two workers in turn: 16 draws each, which independent workers would
     # repeat with probability 8**-16.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +14,7 @@ from aerialseg.classes import IGNORE_INDEX
 from aerialseg.config import Params
 from aerialseg.inference import predict_probabilities
 from aerialseg.metrics import confusion_matrix, scores
+from aerialseg.patches import read_tile_file_info, read_validation_tile
 from aerialseg.training import train
 
 
@@ -49,8 +49,7 @@ def test_val_figures_are_evaluates_figures_on_the_whole_val_tiles(
     model, meta = load_checkpoint(tmp_path / "models" / "model.ckpt")
     mean = np.asarray(meta["band_mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(meta["band_std"], dtype=np.float32)[:, None, None]
-    with h5py.File(patches_dir / "val.h5", "r") as h5:
-        image, reference = h5["tiles/area3/image"][:], h5["tiles/area3/reference"][:]
+    image, reference = read_validation_tile(read_tile_file_info(patches_dir / "val.h5"), "area3")
     probs = predict_probabilities(model, (image - mean) / std, window=64, overlap=overlap)
     expected = scores(confusion_matrix(probs.argmax(axis=0), reference))
 

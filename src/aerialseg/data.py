@@ -1,39 +1,70 @@
-"""Torch datasets over the HDF5 files of the `patches` stage: training patches (with
-albumentations) and whole validation tiles."""
+"""Torch datasets over the HDF5 files of the `patches` stage: training patches (compact, with
+D4 augmentation) and whole validation tiles; `Decode` and `SpectralJitter`, which finish a training
+batch on the training device."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
+import cv2
 import h5py
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from aerialseg.config import SPECTRAL_BANDS
 from aerialseg.patches import (
+    STORED_DATASETS,
+    BandCoding,
+    PatchFileInfo,
     h5_dataset,
     h5_read_error,
-    open_h5,
     open_h5_file,
     read_patch_info,
     read_tile_file_info,
+    read_validation_tile,
 )
 
+SYMMETRIES = 8
+"""The flips and right-angle rotations of a square (the dihedral group D4)."""
 
-def build_augmentation() -> A.Compose:
-    """One of the eight flips/right-angle rotations (D4) for all bands and the mask, per sample.
 
-    D4 moves pixels exactly, so no interpolation touches heights or labels. Photometric jitter is
-    not done here but on the batch, on the device (SpectralJitter): on float images it costs
-    albumentations ~3 ms a patch, more than reading the patch, and the loader must keep up with
-    a GPU.
-    """
-    return A.Compose([A.D4(p=1.0)], strict=False)
+def d4(array: np.ndarray, symmetry: int) -> np.ndarray:
+    """Symmetry `symmetry` (0-7) of the square on the last two axes: a rotation by `symmetry % 4`
+    right angles counterclockwise (np.rot90), then, for 4-7, a left-right flip. A view; 0 is the
+    identity. Pixels move exactly: no interpolation touches heights or labels."""
+    turned = np.rot90(array, symmetry % 4, axes=(-2, -1))
+    return turned[..., ::-1] if symmetry >= 4 else turned
+
+
+_CV2_ROTATIONS = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+
+
+def d4_into(array: np.ndarray, symmetry: int, out: np.ndarray) -> None:
+    """`out[...] = d4(array, symmetry)` for (..., H, W) arrays (out C-contiguous), plane by plane
+    with OpenCV: a strided numpy copy of a rotated uint8 patch took ~0.5 ms, OpenCV's ~0.04 ms,
+    and albumentations' D4 adds a Compose call and channels-last copies on top (measured for
+    `benchmarks/bench_loader.py`)."""
+    if symmetry == 0:
+        np.copyto(out, array)
+        return
+    planes = array.reshape(-1, *array.shape[-2:])
+    targets = out.reshape(-1, *out.shape[-2:])
+    for plane, target in zip(planes, targets, strict=True):
+        if symmetry < 4:
+            cv2.rotate(plane, _CV2_ROTATIONS[symmetry], dst=target)
+        elif symmetry == 4:
+            cv2.flip(plane, 1, dst=target)  # left-right
+        elif symmetry == 5:
+            cv2.flip(cv2.transpose(plane), -1, dst=target)  # the anti-diagonal
+        elif symmetry == 6:
+            cv2.flip(plane, 0, dst=target)  # up-down
+        else:
+            cv2.transpose(plane, dst=target)
 
 
 class SpectralJitter(nn.Module):
@@ -92,21 +123,74 @@ class SpectralJitter(nn.Module):
         return out
 
 
+class Decode(nn.Module):
+    """A compact training batch (`PatchDataset`) -> the network's input: `(B, C, H, W)` float32,
+    bands in the file's order, normalised with the file's statistics.
+
+    Per band: (stored * scale + offset - mean) / std, i.e. one multiply-add, stored * gain + bias,
+    on the training device (so that the loader hands over 1-2 bytes a value instead of 4, and the
+    workers do no arithmetic). `scale`/`offset` are the band's storage (`patches.BandCoding`),
+    `mean`/`std` the training tiles' statistics in tile units (`patches.band_statistics`).
+    """
+
+    def __init__(self, codings: Sequence[BandCoding], mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        counts = [sum(c.dataset == name for c in codings) for name in STORED_DATASETS]
+        first = dict(zip(STORED_DATASETS, np.cumsum([0, *counts[:-1]]).tolist(), strict=True))
+        # Channel of each band in the batch's datasets concatenated (image first, then height).
+        order = [first[c.dataset] + c.channel for c in codings]
+        shape = (1, len(codings), 1, 1)
+        gain = [c.scale / s for c, s in zip(codings, std, strict=True)]
+        bias = [(c.offset - m) / s for c, m, s in zip(codings, mean, std, strict=True)]
+        self.datasets = [name for name in STORED_DATASETS if any(c.dataset == name for c in codings)]
+        self.reorder = order != list(range(len(order)))
+        # Not persistent: they come from the patch file, not from training.
+        self.order: torch.Tensor
+        self.gain: torch.Tensor
+        self.bias: torch.Tensor
+        self.register_buffer("order", torch.tensor(order), False)
+        self.register_buffer("gain", torch.tensor(gain, dtype=torch.float32).view(shape), False)
+        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32).view(shape), False)
+
+    @classmethod
+    def from_info(cls, info: PatchFileInfo) -> Decode:
+        return cls(info.codings, info.stats.mean, info.stats.std)
+
+    @torch.no_grad()
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        stored = torch.cat([batch[name].float() for name in self.datasets], dim=1)
+        if self.reorder:
+            stored = stored.index_select(1, self.order)
+        return torch.addcmul(self.bias, stored, self.gain)
+
+
 def derived_seed(seed: int, *where: int) -> int:
     """A seed that depends only on the run's `seed` and a position in training: (epoch, patch) for
     a patch's augmentation, (epoch, rank[, batch]) for `datamodule.RandomStreams`."""
     return int(np.random.SeedSequence([seed, *where]).generate_state(1)[0])
 
 
+Index = int | tuple[int, int]
+"""A patch number, or an (epoch, patch) pair (`datamodule.EpochShards`)."""
+
+
 class PatchDataset(Dataset[dict[str, torch.Tensor]]):
-    """Patches of one HDF5 file as `{"image": (C, H, W) float32, "mask": (H, W) int64}` samples.
+    """Patches of one HDF5 file as they are stored, compact: `{"image": (S, H, W) uint8 spectral
+    bands, "height": (Hc, H, W) int16 heights, "mask": (H, W) uint8}` tensors (`patches.BandCoding`
+    says what the values mean; a kind of band the file lacks has 0 channels). `Decode` makes
+    the network's normalised float input of a batch, on the training device.
 
-    The file is opened lazily in each worker process: h5py handles must not cross a fork.
+    With `augment`, each sample is one of the eight flips/right-angle rotations (`d4`) of all its
+    bands and mask. An index is a patch number, or an `(epoch, patch)` pair (what
+    `datamodule.EpochShards` yields): a pair's symmetry is drawn from (seed, epoch, patch) alone,
+    so a sample is the same whichever worker reads it, however long that worker has lived, and in
+    a resumed run. A plain number draws from the process's own stream (seeded per worker).
 
-    An index is a patch number, or an `(epoch, patch)` pair (what `datamodule.EpochShards`
-    yields): a pair's augmentation is drawn from (seed, epoch, patch) alone, so a sample is the
-    same whichever worker reads it, however long that worker has lived, and in a resumed run. A
-    plain number draws from the process's own stream (seeded per worker).
+    A list of indices reads a whole batch: the same dict with a leading batch axis, written by
+    the worker straight into shared memory, so that handing it to the training process copies
+    nothing (a DataLoader with `batch_size=None` and `datamodule.EpochBatches`).
+
+    The file is opened lazily in each process: h5py handles must not cross a fork.
     """
 
     def __init__(self, path: Path, *, augment: bool = False, seed: int = 0) -> None:
@@ -115,59 +199,83 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         info = read_patch_info(self.path)
         self.length = info.length
         self.bands = info.bands
-        self.mean = np.asarray(info.stats.mean, dtype=np.float32)[:, None, None]
-        self.std = np.asarray(info.stats.std, dtype=np.float32)[:, None, None]
-        self.augment = build_augmentation() if augment else None
+        self.size = info.size
+        self.channels = {name: sum(c.dataset == name for c in info.codings) for name in STORED_DATASETS}
+        self.augment = augment
         self._h5: h5py.File | None = None
         self._pid: int | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = index if isinstance(index, tuple) else (None, index)
+    def __getitem__(self, index: Index | list[Index]) -> dict[str, torch.Tensor]:
+        if isinstance(index, list):
+            return self._batch(index)
+        return {key: value[0] for key, value in self._batch([index], shared=False).items()}
+
+    def _batch(self, indices: Sequence[Index], *, shared: bool = True) -> dict[str, torch.Tensor]:
         if self._pid != os.getpid():
             self._start_in_this_process()
         assert self._h5 is not None
-        try:
-            image = h5_dataset(self._h5, "image")[index]
-            mask = h5_dataset(self._h5, "mask")[index]
-        except OSError as err:
-            raise h5_read_error(self.path, err, f"patch {index}") from err
-        if self.augment is not None:
-            if epoch is not None:
-                self.augment.set_random_seed(derived_seed(self.seed, epoch, index))
-            image, mask = self._augment(image, mask)
-        image = (image - self.mean) / self.std
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "mask": torch.from_numpy(mask.astype(np.int64)),
+        n, size = len(indices), self.size
+        out = {
+            "image": _empty((n, self.channels["image"], size, size), torch.uint8, shared),
+            "height": _empty((n, self.channels["height"], size, size), torch.int16, shared),
+            "mask": _empty((n, size, size), torch.uint8, shared),
         }
+        read = {key: self._datasets[key] for key, value in out.items() if value.numel()}
+        for row, index in enumerate(indices):
+            epoch, patch = index if isinstance(index, tuple) else (None, index)
+            symmetry = self._symmetry(epoch, patch)
+            for key, ds in read.items():
+                try:
+                    stored = ds[patch]
+                except OSError as err:
+                    raise h5_read_error(self.path, err, f"patch {patch}") from err
+                d4_into(stored, symmetry, out[key][row].numpy())
+        return out
+
+    def _symmetry(self, epoch: int | None, patch: int) -> int:
+        if not self.augment:
+            return 0
+        if epoch is None:
+            return int(self._rng.integers(SYMMETRIES))
+        return derived_seed(self.seed, epoch, patch) % SYMMETRIES
 
     def _start_in_this_process(self) -> None:
         """Open the file and seed the augmentation in each process that reads samples.
 
         A forked DataLoader worker inherits the parent's h5py handle (unsafe to share) and a copy
-        of albumentations' random generator, so every worker would draw the same flips. torch
-        gives each worker its own seed derived from the run's seed: use it.
+        of the parent's random generator, so every worker would draw the same flips. torch gives
+        each worker its own seed derived from the run's seed: use it.
         """
         self._h5 = open_h5_file(self.path)
         self._pid = os.getpid()
-        if self.augment is not None:
-            self.augment.set_random_seed(torch.initial_seed() % 2**32)
-
-    def _augment(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        assert self.augment is not None
-        # albumentations wants channels last.
-        out = self.augment(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)), mask=mask)
-        return np.moveaxis(out["image"], -1, 0), out["mask"]
+        # Looked up once: a lookup costs about as much as reading a patch's mask.
+        self._datasets = {
+            key: h5_dataset(self._h5, key) for key in ("mask", *STORED_DATASETS) if key in self._h5
+        }
+        self._rng = np.random.default_rng(torch.initial_seed() % 2**32)
 
     def __getstate__(self) -> dict[str, Any]:
         # Never pickle an open HDF5 handle into a DataLoader worker.
         state = self.__dict__.copy()
         state["_h5"] = None
         state["_pid"] = None
+        state["_datasets"] = {}
         return state
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker (when `shared`), in shared memory, as torch's
+    default_collate allocates its batches: the training process then maps it instead of copying."""
+    if not shared or get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    return torch.empty(0, dtype=dtype).set_(storage)[: int(np.prod(shape))].view(shape)
 
 
 class ValidationTiles(Dataset[dict[str, Any]]):
@@ -180,10 +288,10 @@ class ValidationTiles(Dataset[dict[str, Any]]):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        info = read_tile_file_info(self.path)
-        self.tiles = info.tiles
-        self.mean = np.asarray(info.stats.mean, dtype=np.float32)[:, None, None]
-        self.std = np.asarray(info.stats.std, dtype=np.float32)[:, None, None]
+        self.info = read_tile_file_info(self.path)
+        self.tiles = self.info.tiles
+        self.mean = np.asarray(self.info.stats.mean, dtype=np.float32)[:, None, None]
+        self.std = np.asarray(self.info.stats.std, dtype=np.float32)[:, None, None]
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -193,7 +301,7 @@ class ValidationTiles(Dataset[dict[str, Any]]):
             return {"tile": None}
         tile = self.tiles[index]
         # Opened per item: a handful of whole tiles per epoch, never shared across processes.
-        with open_h5(self.path) as h5:
-            image = h5_dataset(h5, f"tiles/{tile}/image")[:]
-            reference = h5_dataset(h5, f"tiles/{tile}/reference")[:]
-        return {"tile": tile, "image": (image - self.mean) / self.std, "reference": reference}
+        image, reference = read_validation_tile(self.info, tile)
+        image -= self.mean
+        image /= self.std
+        return {"tile": tile, "image": image, "reference": reference}

@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from aerialseg.config import TrainConfig
 from aerialseg.data import PatchDataset, ValidationTiles, derived_seed
@@ -34,11 +34,11 @@ class PatchData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader[Any]:
         dataset = PatchDataset(self.train_info.path, augment=self.cfg.augment, seed=self.cfg.seed)
-        sampler = EpochShards(dataset, self._world(), self._rank(), seed=self.cfg.seed)
+        shards = EpochShards(dataset, self._world(), self._rank(), seed=self.cfg.seed)
         # Lightning builds the loader's first iterator (and, with workers, draws its first
         # indices) before it calls set_epoch: a resumed run would replay epoch 0's order.
-        sampler.set_epoch(self._next_epoch())
-        return self._loader(dataset, sampler)
+        shards.set_epoch(self._next_epoch())
+        return self._loader(dataset, EpochBatches(shards, self.cfg.batch_size))
 
     def val_dataloader(self) -> DataLoader[Any]:
         # One whole tile per step, read in this process: a tile is too large to hand over
@@ -47,12 +47,14 @@ class PatchData(L.LightningDataModule):
         sampler = TileShards(len(dataset), self._world(), self._rank())
         return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)  # type: ignore[arg-type]
 
-    def _loader(self, dataset: PatchDataset, sampler: EpochShards) -> DataLoader[Any]:
+    def _loader(self, dataset: PatchDataset, batches: EpochBatches) -> DataLoader[Any]:
         workers = self.cfg.num_workers
+        # batch_size=None: each list of indices goes to the dataset whole, which writes the batch
+        # into shared memory itself (PatchDataset); default_collate would copy every patch again.
         return DataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
+            batch_size=None,
+            sampler=batches,  # lists of indices, each read as one batch
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -107,6 +109,23 @@ class EpochShards(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return len(self._order)
+
+
+class EpochBatches(BatchSampler):
+    """EpochShards' (epoch, patch) pairs in lists of `batch_size` (the last one shorter, as a
+    DataLoader's batches): PatchDataset reads each list as one batch, in one worker call.
+    `set_epoch` and `started` are the shards'."""
+
+    def __init__(self, shards: EpochShards, batch_size: int) -> None:
+        super().__init__(shards, batch_size, drop_last=False)  # type: ignore[arg-type]  # (epoch, patch) pairs
+        self.shards = shards
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shards.set_epoch(epoch)
+
+    @property
+    def started(self) -> int | None:
+        return self.shards.started
 
 
 class TileShards(Sampler[int]):
@@ -168,7 +187,7 @@ def _check_order(trainer: L.Trainer) -> None:
     """The epoch's batches come in that epoch's order (a Lightning that built the iterator at
     another point than 2.6 does could feed a resumed run another epoch's order, silently)."""
     sampler = getattr(trainer.train_dataloader, "sampler", None)
-    if isinstance(sampler, EpochShards) and sampler.started != trainer.current_epoch:
+    if isinstance(sampler, EpochShards | EpochBatches) and sampler.started != trainer.current_epoch:
         raise RuntimeError(
             f"epoch {trainer.current_epoch} is reading the training patches in epoch "
             f"{sampler.started}'s order; a resumed run would not repeat an uninterrupted one"

@@ -44,7 +44,7 @@ from aerialseg.checkpoint_io import AtomicCheckpointIO
 from aerialseg.choices import check_choices
 from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import NOT_RESULTS, Params, TrainConfig
-from aerialseg.data import SpectralJitter
+from aerialseg.data import Decode, SpectralJitter
 from aerialseg.datamodule import PatchData, RandomStreams
 from aerialseg.devices import resolve_training_precision
 from aerialseg.files import atomic_path
@@ -110,6 +110,7 @@ class SegmentationTask(L.LightningModule):
         class_weights: Sequence[float] | None = None,
         scheduler: str = "none",
         compile: bool = False,
+        decode: Decode | None = None,
         jitter: SpectralJitter | None = None,
         validation: Settings | None = None,
     ) -> None:
@@ -118,10 +119,12 @@ class SegmentationTask(L.LightningModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {list(SCHEDULERS)}")
-        self.save_hyperparameters(ignore=["jitter", "validation"])
+        self.save_hyperparameters(ignore=["decode", "jitter", "validation"])
         self.model = build_model(args, weights)
         # Photometric augmentation of the training batches, where they already are (the GPU).
         self.jitter = jitter
+        # Compact training batches (data.PatchDataset) -> normalised float, on the device too.
+        self.decode = decode
         self.loss = build_loss(loss, class_weights)
         # `evaluate`'s engine settings; precision 32 adds no autocast of its own: Lightning's
         # precision plugin already runs validation in the training's precision.
@@ -145,8 +148,10 @@ class SegmentationTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Here, not in on_after_batch_transfer: RandomStreams has just reseeded torch's generator.
-        image = batch["image"] if self.jitter is None else self.jitter(batch["image"])
-        loss = self.loss(self(image), batch["mask"])
+        image = batch["image"] if self.decode is None else self.decode(batch)
+        if self.jitter is not None:
+            image = self.jitter(image)
+        loss = self.loss(self(image), batch["mask"].long())
         self.log(
             "train_loss",
             loss,
@@ -322,6 +327,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         class_weights=class_weights,
         scheduler=cfg.scheduler,
         compile=cfg.compile,
+        decode=Decode.from_info(train_info),
         jitter=SpectralJitter(train_info.bands, train_info.stats.mean, train_info.stats.std)
         if cfg.augment
         else None,
