@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import rasterio
+import torch
+from rasterio.enums import Resampling
 
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.choices import check_choices
@@ -34,8 +37,10 @@ from aerialseg.classes import CLASS_NAMES, NUM_CLASSES
 from aerialseg.config import Params
 from aerialseg.datasets.tiles_table import read_tiles_table
 from aerialseg.files import atomic_path
-from aerialseg.inference import Settings, predict_probabilities
+from aerialseg.inference import Settings, count_windows, stream_blocks
 from aerialseg.metrics import confusion_matrix, scores
+from aerialseg.model_card import ModelCard
+from aerialseg.progress import progress_bar
 from aerialseg.published import (
     LECTURE,
     LECTURE_SETTINGS,
@@ -44,8 +49,11 @@ from aerialseg.published import (
     LECTURE_TILES,
     lecture_setting,
 )
-from aerialseg.raster import read_raster, write_raster
+from aerialseg.raster import GeoReference, read_raster, write_raster
+from aerialseg.raster_source import RasterSource
 from aerialseg.reports import (
+    block_centres,
+    overlay_step,
     plot_class_scores,
     plot_confusion_matrix,
     plot_overlay,
@@ -168,15 +176,9 @@ def _predict_test_tiles(
     total_full = np.zeros_like(total)
     per_tile: dict[str, Any] = {}
     for row in read_tiles_table(tiles_dir, "test").itertuples():
-        image, georef = read_raster(tiles_dir / str(row.image))
-        if image.shape[0] != len(card.bands):
-            raise ValueError(
-                f"{tiles_dir / str(row.image)}: {image.shape[0]} bands, "
-                f"but the model was trained on {card.expected_bands()}"
-            )
-        probs = predict_probabilities(model, card.normalise(image), settings, progress=f"predict {row.tile}")
-        pred = probs.argmax(axis=0).astype(np.uint8)
-        del probs
+        pred, georef, overview = predict_tile(
+            model, card, tiles_dir / str(row.image), settings, str(row.tile)
+        )
         eroded, _ = read_raster(tiles_dir / str(row.label_eroded))
         full, _ = read_raster(tiles_dir / str(row.label))
         cm, cm_full = confusion_matrix(pred, eroded[0]), confusion_matrix(pred, full[0])
@@ -190,17 +192,42 @@ def _predict_test_tiles(
         }
         write_raster(predictions / f"{row.tile}.tif", pred, georef, colormap=True)
         save_label_png(pred, predictions / f"{row.tile}.png")
+        step = overlay_step(pred.shape)
         plot_overlay(
-            image,
-            full[0],
-            pred,
+            overview,
+            block_centres(full[0], step),
+            block_centres(pred, step),
             overlays / f"{row.tile}.png",
-            reference_eroded=eroded[0],
+            reference_eroded=block_centres(eroded[0], step),
             bands=list(card.bands),
             title=f"{row.tile}: overall accuracy {_percent(tile['overall_accuracy'])}, "
             f"mean F1 {_percent(tile['mean_f1'])} (eroded reference)",
         )
     return total, total_full, per_tile, dict(card.config)
+
+
+def predict_tile(
+    model: torch.nn.Module, card: ModelCard, path: Path, settings: Settings, name: str
+) -> tuple[np.ndarray, GeoReference, np.ndarray]:
+    """One test tile through the engine, streamed from its GeoTIFF: the (H, W) uint8 class map, its
+    georeference, and the image reduced to the overlay's display size (reports.overlay_step, by
+    averaging). Memory: the class map and the engine's rows, never the tile's probabilities."""
+    with rasterio.open(path) as src:
+        if src.count != len(card.bands):
+            raise ValueError(
+                f"{path}: {src.count} bands, but the model was trained on {card.expected_bands()}"
+            )
+        source = RasterSource(src, card, "tiles")
+        classes = np.empty((src.height, src.width), dtype=np.uint8)
+        total = count_windows(src.height, src.width, settings)
+        with progress_bar(f"predict {name}", total=total, unit="window") as bar:
+            for block in stream_blocks(model, source, settings, progress=bar.update):
+                rows = block.probabilities.shape[1]
+                classes[block.row : block.row + rows] = block.probabilities.argmax(axis=0)
+        step = overlay_step(classes.shape)
+        shape = (src.count, src.height // step, src.width // step)  # as reports.block_centres
+        overview = src.read(out_shape=shape, resampling=Resampling.average, out_dtype=np.float32)
+        return classes, GeoReference(src.crs, src.transform), overview
 
 
 def lecture_comparison(per_tile: dict[str, Any], trained: dict[str, Any]) -> pd.DataFrame:

@@ -329,9 +329,9 @@ def overlay_panels(
     for name, labels in (("reference", reference), ("prediction", prediction), ("eroded", scored)):
         if labels.shape != image.shape[1:]:
             raise ValueError(f"{name} labels of shape {labels.shape}, but the image is {image.shape[1:]}")
-    step = 1 if max_pixels is None else max(1, math.ceil(max(image.shape[1:]) / max_pixels))
+    step = 1 if max_pixels is None else overlay_step(image.shape[1:], max_pixels)
     rgb = display_rgb(_block_mean(image, step), bands)
-    reference, prediction, scored = (_block_centres(a, step) for a in (reference, prediction, scored))
+    reference, prediction, scored = (block_centres(a, step) for a in (reference, prediction, scored))
     return {
         "image": rgb,
         "reference": index_to_colours(reference.astype(np.uint8)) / 255.0,
@@ -352,7 +352,13 @@ def _block_mean(image: np.ndarray, step: int) -> np.ndarray:
     return (total / step**2).astype(np.float32)
 
 
-def _block_centres(labels: np.ndarray, step: int) -> np.ndarray:
+def overlay_step(shape: Sequence[int], max_pixels: int = OVERLAY_MAX_PIXELS) -> int:
+    """The whole factor that brings a (H, W) tile to at most `max_pixels` on its longer side."""
+    return max(1, math.ceil(max(shape) / max_pixels))
+
+
+def block_centres(labels: np.ndarray, step: int) -> np.ndarray:
+    """Labels reduced by `step`: each step x step block's centre pixel (classes never blend)."""
     if step == 1:
         return labels
     h, w = labels.shape[0] // step, labels.shape[1] // step
