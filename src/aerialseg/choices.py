@@ -47,6 +47,12 @@ def check_choices(params: Params, source: str = "params.yaml") -> None:
             choice(_get(params, key), registry, what)
         except ChoiceError as err:
             raise ConfigError(f"{source}: {key}: {err}") from None
+    # The encoder: only smp knows its list (the other model and train choices: config.py).
+    from aerialseg.model import encoder_problem
+
+    problem = encoder_problem(params.model.arch, params.model.encoder)
+    if problem:
+        raise ConfigError(f"{source}: model.encoder: {problem}")
 
 
 def _get(params: Params, key: str) -> Any:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 SPECTRAL_BANDS = ("ir", "r", "g", "b")
 """Bands that hold reflectance: photometric augmentation touches these and nothing else."""
@@ -25,7 +26,6 @@ SOURCE_BANDS: dict[str, tuple[str, ...]] = {
 }
 """The bands each dataset has (nDSM derived from the DSM where the archive lacks it)."""
 
-Optimizer = Literal["sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamax", "adamw"]
 Precision = Literal["auto", "32", "bf16-mixed", "16-mixed"]
 
 
@@ -141,10 +141,41 @@ class PatchesConfig(_Section):
         return self
 
 
+CHOICE_ERROR = "choice"
+"""The type of the errors below: a value that is not a key of its registry (the message names the
+key and lists the options, as smp's create_model does)."""
+
+
+def _choice_error(message: str) -> PydanticCustomError:
+    return PydanticCustomError(CHOICE_ERROR, "{message}", {"message": message})
+
+
+def _chosen(key: str, value: str, registry: Any) -> str:
+    """`value` if it is a key of `registry` (an aerialseg.registry.Registry); else the error."""
+    if value not in registry:
+        raise _choice_error(f"{key}: {registry.unknown(value)}")
+    return value
+
+
+# The registries sit beside the code that builds their entries; their modules import torch and smp
+# only to build, so reading their keys here costs no stage that import. The encoder, which only smp
+# can check, is checked with the other choices (aerialseg.choices) and by model.build_model.
+
+
 class ModelConfig(_Section):
-    arch: Literal["fpn", "unet", "deeplabv3plus", "fcn_skip"] = "fpn"
-    """fpn (default), other smp decoders, or fcn_skip: the lecture's ResNet FCN with skip fusion."""
+    arch: str = "fpn"
+    """A key of model.ARCHITECTURES: smp's architectures (fpn by default, unet, deeplabv3plus, ...)
+    or fcn_skip, the lecture's ResNet FCN with skip fusion."""
     encoder: str = "resnet50"
+    """An smp encoder, or a timm model as tu-<name>, that fits the architecture
+    (model.encoder_problem, checked by the `params` stage)."""
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_is_registered(cls, value: str) -> str:
+        from aerialseg.model import ARCHITECTURES
+
+        return _chosen("model.arch", value, ARCHITECTURES)
 
 
 class TrainConfig(_Section):
@@ -152,7 +183,8 @@ class TrainConfig(_Section):
     batch_size: Annotated[int, Field(ge=1)] = 8
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    optimizer: Optimizer = "adamw"
+    optimizer: str = "adamw"
+    """A key of optim.OPTIMIZERS (the error for another value lists them)."""
     augment: bool = True
     pretrained: str = "none"
     """`none`, `imagenet`, or the path of a local weights file for the encoder."""
@@ -172,16 +204,40 @@ class TrainConfig(_Section):
     """torch.compile the network (the checkpoints hold the plain network's weights)."""
     resume: bool = False
     """Continue from <models>/checkpoints/last.ckpt, and its MLflow run, when that file exists."""
-    loss: Literal["ce", "dice", "focal", "ce+dice"] = "ce"
+    loss: str = "ce"
+    """A key of losses.LOSSES (the error for another value lists them)."""
     class_weights: Literal["none", "inverse_frequency"] | tuple[Annotated[float, Field(ge=0)], ...] = "none"
     """Weights of the cross-entropy part: none, inverse_frequency (of the train masks), or one per class."""
-    scheduler: Literal["none", "cosine", "onecycle", "plateau"] = "none"
+    scheduler: str = "none"
+    """A key of optim.SCHEDULERS (the error for another value lists them)."""
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many epochs without a better val_mean_f1; null never stops early."""
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_is_registered(cls, value: str) -> str:
+        from aerialseg.optim import OPTIMIZERS
+
+        return _chosen("train.optimizer", value, OPTIMIZERS)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_is_registered(cls, value: str) -> str:
+        from aerialseg.optim import SCHEDULERS
+
+        return _chosen("train.scheduler", value, SCHEDULERS)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_is_registered(cls, value: str) -> str:
+        from aerialseg.losses import LOSSES
+
+        return _chosen("train.loss", value, LOSSES)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         from aerialseg.classes import NUM_CLASSES
+        from aerialseg.losses import class_weights_problem
 
         if isinstance(self.class_weights, tuple):
             if len(self.class_weights) != NUM_CLASSES:
@@ -191,11 +247,9 @@ class TrainConfig(_Section):
                 )
             if not any(self.class_weights):
                 raise ValueError("train.class_weights: at least one weight must be positive")
-        if self.class_weights != "none" and self.loss not in ("ce", "ce+dice"):
-            raise ValueError(
-                f"train.class_weights weight the cross-entropy part of the loss; "
-                f"loss {self.loss!r} has none (use ce or ce+dice, or class_weights none)"
-            )
+        problem = class_weights_problem(self.loss, self.class_weights)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -248,6 +302,16 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _patches_fit_the_architecture(self) -> Self:
+        from aerialseg.model import check_input_size
+
+        try:
+            check_input_size(self.patches.size_px, self.patches.size_px, self.model.arch)
+        except ValueError as err:
+            raise _choice_error(f"patches.size_px: {err}") from None
+        return self
 
     @property
     def raw_dir(self) -> Path:
@@ -364,6 +428,9 @@ def _describe(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
+        if e["type"] == CHOICE_ERROR:  # the message names its key
+            lines.append(f"  {msg}")
+            continue
         if e["type"] == "extra_forbidden" and key in RENAMED:
             msg = f"renamed to {RENAMED[key]} (DVC's run cache cannot see a param named `size`)"
         elif e["type"] == "extra_forbidden":

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from aerialseg.files import atomic_path
-from aerialseg.model import check_input_size
+from aerialseg.model import check_input_size, check_onnx_export
 from aerialseg.model_card import ModelCard
 
 Exporter = Literal["dynamo", "torchscript"]
@@ -92,12 +92,16 @@ def export_onnx(
     check it with onnxruntime; raises ExportError, leaving no file, when the check fails."""
     if exporter not in EXPORTER_CHOICES:
         raise ValueError(f"exporter must be one of {EXPORTER_CHOICES}, got {exporter!r}")
+    arch = card.model_args.get("arch")  # None: a network model.build_model did not build
+    if arch is not None:
+        check_onnx_export(arch)  # OnnxUnsupportedError with the reason, before any work
     size, bands = card.window, len(card.bands)
     if check_size is None:
         check_size = (size + 32, size + 64)  # not the export size, and not square
-    check_input_size(*check_size)
+    check_input_size(*check_size, arch)
     model = model.float().to(memory_format=torch.contiguous_format).cpu().eval()
-    example = torch.zeros(1, bands, size, size)
+    # Batch 2: torch.export specialises a dimension of size 1, which a ViT's reshapes (dpt) then keep.
+    example = torch.zeros(2, bands, size, size)
     with atomic_path(output) as tmp:
         _export(model, example, tmp, exporter, opset)
         _add_metadata(tmp, card.to_dict(training=False))

@@ -1,19 +1,32 @@
-"""The one factory that builds the segmentation network, and its encoder weights."""
+"""The one factory that builds the segmentation network, its registry of architectures, and its
+encoder weights.
+
+`ARCHITECTURES` names every network `model.arch` can choose (segmentation_models_pytorch 0.6's
+twelve plus the lecture's `fcn_skip`), each with the input sizes it takes, the encoders that fit
+it and whether it exports to ONNX; `build_model(model_args(...))` builds any of them. torch and smp are
+imported where a network is built or a file read: the configuration reads the registry's keys.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import segmentation_models_pytorch as smp
-import torch
-from torch import nn
+from aerialseg.registry import Registry, not_one_of
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 OUTPUT_STRIDE = 32
-"""The encoders downsample by 32, so input sides must be multiples of it."""
+"""The project's input rule: window and patch sides are multiples of 32 (config's patches.size_px),
+which every architecture below takes; an architecture may take more (its `input_multiple`)."""
 WEIGHTS_FILE = "model.safetensors"
 """The file smp downloads for an encoder's pretrained weights (next to a small config.json)."""
 HUB_CHECK_TIMEOUT = 5.0
@@ -44,50 +57,161 @@ def build_model(args: dict[str, Any], weights: str = "none") -> nn.Module:
     return _build_from_local_weights(args, Path(weights))
 
 
-class FCNSkip(nn.Module):
-    """The lecture's "ResNet50 FCN with skip fusion": FCN-8s-style heads on an smp encoder.
+def _create(args: dict[str, Any], encoder_weights: str | None) -> nn.Module:
+    """The one factory: the registry's entry for `args["arch"]` builds the network."""
+    entry = ARCHITECTURES.choose(args["arch"])
+    problem = encoder_problem(args["arch"], args["encoder_name"])
+    if problem:
+        raise ValueError(f"model.encoder: {problem}")
+    return entry.build(args["encoder_name"], args["in_channels"], args["classes"], encoder_weights)
 
-    The encoder's outputs at strides 8, 16 and 32 are each turned into class scores by a 1x1
-    convolution, upsampled bilinearly to the input size and summed, so coarse, semantic scores
-    are refined by finer, more local ones.
+
+def check_input_size(height: int, width: int, arch: str | None = None) -> None:
+    """ValueError unless a height x width input (px) suits `arch` (its ARCHITECTURES entry:
+    `input_multiple`, `min_input`), or, without `arch`, the project's multiple of OUTPUT_STRIDE."""
+    multiple, smallest, why = OUTPUT_STRIDE, 0, f"the encoder downsamples {OUTPUT_STRIDE}x"
+    if arch is not None:
+        entry = ARCHITECTURES.choose(arch)
+        multiple, smallest, why = entry.input_multiple, entry.min_input, f"{arch}: {entry.input_rule}"
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"input size {height} x {width} is not a multiple of {multiple} on both sides; {why}"
+        )
+    if min(height, width) < smallest:
+        raise ValueError(f"input size {height} x {width} is smaller than {smallest} px on a side; {why}")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One entry of ARCHITECTURES: how to build the network and what it takes.
+
+    Input rules and ONNX support as measured with smp 0.6 on a ResNet18 encoder (a timm ViT for
+    dpt), 4 bands, 6 classes, sides of 16-160 px in steps of 8; tests/test_model_contract.py keeps
+    them true.
     """
 
-    STAGES = (3, 4, 5)
-    """Indices of smp's encoder features with strides 8, 16 and 32 (feature k has stride 2**k)."""
+    build: Callable[[str, int, int, str | None], nn.Module]
+    """(encoder_name, in_channels, classes, encoder_weights) -> the network."""
+    input_multiple: int = OUTPUT_STRIDE
+    """Input height and width must be multiples of this, px (the stride of the deepest feature
+    the decoder merges with finer ones)."""
+    min_input: int = 0
+    """Smallest input side, px (0: any multiple)."""
+    input_rule: str = f"the encoder downsamples {OUTPUT_STRIDE}x"
+    """Why, in words, for the error message."""
+    encoders: str = "any smp encoder (or a timm model as tu-<name>)"
+    """Which encoders fit, in words."""
+    fits: Callable[[str], bool] = field(default=lambda encoder: True)
+    """Whether an encoder name (one smp or timm knows) fits."""
+    onnx: str | None = None
+    """None: exports to ONNX with a dynamic height and width; otherwise why it cannot."""
 
-    def __init__(
-        self, encoder_name: str, in_channels: int, classes: int, encoder_weights: str | None = None
-    ) -> None:
-        super().__init__()
-        self.encoder = smp.encoders.get_encoder(
-            encoder_name, in_channels=in_channels, depth=5, weights=encoder_weights
+
+def _smp(arch: str, **fixed: Any) -> Callable[[str, int, int, str | None], nn.Module]:
+    """smp.create_model(arch, ...) with the entry's fixed keyword arguments."""
+
+    def build(encoder: str, in_channels: int, classes: int, weights: str | None) -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        return smp.create_model(
+            arch,
+            encoder_name=encoder,
+            encoder_weights=weights,
+            in_channels=in_channels,
+            classes=classes,
+            **fixed,
         )
-        channels = self.encoder.out_channels
-        self.heads = nn.ModuleList(nn.Conv2d(channels[i], classes, kernel_size=1) for i in self.STAGES)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(x)
-        size = x.shape[-2:]
-        scores = [
-            nn.functional.interpolate(head(features[i]), size=size, mode="bilinear", align_corners=False)
-            for head, i in zip(self.heads, self.STAGES, strict=True)
-        ]
-        return torch.stack(scores).sum(dim=0)
+    return build
 
 
-def _create(args: dict[str, Any], encoder_weights: str | None) -> nn.Module:
-    """The one factory: smp architectures by name, plus the lecture's fcn_skip."""
-    if args["arch"] == "fcn_skip":
-        return FCNSkip(args["encoder_name"], args["in_channels"], args["classes"], encoder_weights)
-    return smp.create_model(**args, encoder_weights=encoder_weights)
+def _fcn_skip(encoder: str, in_channels: int, classes: int, weights: str | None) -> nn.Module:
+    from aerialseg.fcn_skip import FCNSkip
+
+    return FCNSkip(encoder, in_channels, classes, weights)
 
 
-def check_input_size(height: int, width: int) -> None:
-    if height % OUTPUT_STRIDE or width % OUTPUT_STRIDE:
-        raise ValueError(
-            f"input size {height} x {width} is not a multiple of {OUTPUT_STRIDE} on both sides; "
-            f"the encoder downsamples {OUTPUT_STRIDE}x"
-        )
+PYRAMID_POOLING = (
+    "its pyramid pooling (adaptive average pooling to fixed bins) has no ONNX form for a dynamic "
+    "height and width (the dynamo exporter bakes the export size in, the TorchScript one refuses it)"
+)
+VIT16 = re.compile(r"tu-(vit|deit|deit3)_\w*patch16\w*(\.\w+)?")
+"""timm ViTs with 16 px patches: the DPT encoders whose token grid suits the project's 32 px rule."""
+
+ARCHITECTURES: Registry[Architecture] = Registry(
+    "an architecture",
+    {
+        "unet": Architecture(_smp("unet")),
+        "unetplusplus": Architecture(_smp("unetplusplus")),
+        "manet": Architecture(_smp("manet")),
+        "linknet": Architecture(_smp("linknet")),
+        "fpn": Architecture(_smp("fpn")),
+        "pspnet": Architecture(
+            _smp("pspnet"),
+            input_multiple=8,
+            input_rule="its encoder stops at stride 8 (encoder_depth 3)",
+            onnx=PYRAMID_POOLING,
+        ),
+        "deeplabv3": Architecture(
+            _smp("deeplabv3"), input_multiple=8, input_rule="its dilated encoder has output stride 8"
+        ),
+        "deeplabv3plus": Architecture(
+            _smp("deeplabv3plus"), input_multiple=16, input_rule="its dilated encoder has output stride 16"
+        ),
+        "pan": Architecture(
+            _smp("pan"),
+            input_multiple=16,
+            min_input=128,
+            input_rule="its encoder has output stride 16 and its feature pyramid attention pools that "
+            "8x further",
+        ),
+        "upernet": Architecture(_smp("upernet"), onnx=PYRAMID_POOLING),
+        "segformer": Architecture(_smp("segformer")),
+        "dpt": Architecture(
+            # dynamic_img_size: a timm ViT otherwise takes only its pretraining size (224 px).
+            _smp("dpt", dynamic_img_size=True),
+            input_rule="its ViT's grid of 16 px tokens is halved once in the decoder",
+            encoders="a timm ViT with 16 px patches, e.g. tu-vit_tiny_patch16_224, tu-deit_small_patch16_224",
+            fits=lambda encoder: VIT16.fullmatch(encoder) is not None,
+        ),
+        "fcn_skip": Architecture(_fcn_skip),
+    },
+)
+"""model.arch -> its entry; ARCHITECTURES.choose(name) lists the options for any other name."""
+
+
+def encoder_problem(arch: str, encoder: str) -> str | None:
+    """Why `encoder` cannot serve `arch`, None when it can: not an smp encoder (nor `tu-` and a timm
+    model; the message lists close names), or not one that the architecture's entry fits."""
+    import segmentation_models_pytorch as smp
+
+    if encoder.startswith("tu-"):
+        import timm
+
+        if not timm.is_model(encoder.removeprefix("tu-")):
+            names = (f"tu-{name}" for name in timm.list_models())
+            return not_one_of(encoder, "a timm model", names, close_only=True)
+    elif encoder not in smp.encoders.encoders:
+        message = not_one_of(encoder, "an smp encoder", smp.encoders.encoders, close_only=True)
+        return f"{message} (smp.encoders.get_encoder_names() lists them; a timm model as tu-<name>)"
+    entry = ARCHITECTURES.choose(arch)
+    if not entry.fits(encoder):
+        return f"{encoder!r} does not fit {arch}, which needs {entry.encoders}"
+    return None
+
+
+class OnnxUnsupportedError(ValueError):
+    """The architecture has no ONNX form (its ARCHITECTURES entry says why)."""
+
+
+def check_onnx_export(arch: str) -> None:
+    """OnnxUnsupportedError with the reason when `arch` cannot be exported to ONNX."""
+    reason = ARCHITECTURES.choose(arch).onnx
+    if reason is not None:
+        raise OnnxUnsupportedError(f"architecture {arch} cannot be exported to ONNX: {reason}")
 
 
 def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
@@ -97,6 +221,8 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
     then adapts the first convolution to the project's band count the same way it does
     for ImageNet weights.
     """
+    from torch import nn
+
     if not path.is_file():
         raise WeightsFileError(
             f"train.pretrained: {path} is not a file; expected `none`, `imagenet` or the path of "
@@ -154,6 +280,8 @@ class TorchFileError(ValueError):
 def load_torch_file(path: Path) -> Any:
     """torch.load(path) of tensors and plain containers only (weights_only: a weights file is data,
     never code to run). Any failure raises TorchFileError saying what the file looks like instead."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
@@ -192,6 +320,8 @@ def torch_file_looks_like(path: Path, err: BaseException | None = None) -> str:
 
 
 def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> int:
+    import torch
+
     for value in state.values():
         if isinstance(value, torch.Tensor) and value.ndim == 4:
             return int(value.shape[1])
@@ -207,6 +337,7 @@ def ensure_imagenet_reachable(encoder: str) -> None:
     for the weights file's metadata: one HEAD request, no retries, HUB_CHECK_TIMEOUT seconds at most
     (after huggingface_hub's own first call to an endpoint, its user-agent registry: 3 s at most).
     """
+    import segmentation_models_pytorch as smp
     from huggingface_hub import constants, get_hf_file_metadata, get_session, hf_hub_url
 
     settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")

@@ -53,6 +53,7 @@ from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
 from aerialseg.model_card import ModelCard
+from aerialseg.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
 from aerialseg.patches import PatchFileInfo, open_h5, read_patch_info, read_tile_file_info
 from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
@@ -70,16 +71,6 @@ from aerialseg.tracking import (
     tracking_uri,
 )
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-    "adadelta": torch.optim.Adadelta,
-    "adam": torch.optim.Adam,
-    "adamax": torch.optim.Adamax,
-    "adamw": torch.optim.AdamW,
-}
-SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
 MONITOR = "val_mean_f1"
 """The metric that picks the best checkpoint, drives early stopping and the plateau scheduler."""
 CHECKPOINT_DIR = "checkpoints"
@@ -115,10 +106,9 @@ class SegmentationTask(L.LightningModule):
         validation: Settings | None = None,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose from {list(SCHEDULERS)}")
+        # Unknown names fail here, not once the first epoch is over.
+        OPTIMIZERS.choose(optimizer)
+        SCHEDULERS.choose(scheduler)
         self.save_hyperparameters(ignore=["decode", "jitter", "validation"])
         self.model = build_model(args, weights)
         # Photometric augmentation of the training batches, where they already are (the GPU).
@@ -218,38 +208,16 @@ class SegmentationTask(L.LightningModule):
         optimizer = build_optimizer(
             self.parameters(), self.hparams["optimizer"], self.hparams["lr"], self.hparams["weight_decay"]
         )
-        name = self.hparams["scheduler"]
-        if name == "none":
+        schedule = Schedule(
+            lr=self.hparams["lr"],
+            max_epochs=lambda: self.trainer.max_epochs or 1,
+            total_steps=lambda: max(1, int(self.trainer.estimated_stepping_batches)),
+            monitor=MONITOR,
+        )
+        scheduler = build_scheduler(self.hparams["scheduler"], optimizer, schedule)
+        if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self._scheduler(name, optimizer)}
-
-    def _scheduler(self, name: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Lightning's scheduler config: what to step, how often, and on which metric."""
-        sched = torch.optim.lr_scheduler
-        if name == "cosine":
-            return {"scheduler": sched.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs or 1)}
-        if name == "onecycle":
-            # Momentum cycling only where the optimizer has a momentum to cycle.
-            defaults = optimizer.defaults
-            cycle = "betas" in defaults or defaults.get("momentum", 0) > 0
-            onecycle = sched.OneCycleLR(
-                optimizer,
-                max_lr=self.hparams["lr"],
-                total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
-                cycle_momentum=cycle,
-            )
-            return {"scheduler": onecycle, "interval": "step"}
-        # plateau: halve the rate after 2 epochs without a better val_mean_f1.
-        plateau = sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
-        return {"scheduler": plateau, "monitor": MONITOR, "interval": "epoch"}
-
-
-def build_optimizer(parameters: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    cls = OPTIMIZERS[name]
-    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
-    if cls is torch.optim.SGD:
-        kwargs["momentum"] = 0.9
-    return cls(parameters, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 class RunReference(Callback):
@@ -311,7 +279,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
             f"{val_info.path}: bands {val_info.bands}, but {train_info.path} has {train_info.bands}; "
             "rerun the `patches` stage"
         )
-    check_input_size(train_info.size, train_info.size)
+    check_input_size(train_info.size, train_info.size, params.model.arch)
     args = model_args(params.model.arch, params.model.encoder, len(train_info.bands), NUM_CLASSES)
     precision = resolve_training_precision(cfg.precision, cfg.accelerator)
     class_weights = resolve_class_weights(cfg, train_info)
