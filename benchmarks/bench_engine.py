@@ -118,9 +118,7 @@ def main() -> None:
     # Streaming against in-memory, the same settings (fp32), the real network; best of two rounds.
     row = tiles.iloc[0]
     source = TILES / str(row["image"])
-    options = PredictOptions(
-        overlap=0.5, batch_size=4, device="cpu", precision="32", preview=False, progress=False
-    )
+    options = PredictOptions(engine=base, preview=False, progress=False)  # in-memory's settings
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
 

@@ -102,20 +102,13 @@ def run_case(case: str, raster: Path, kind: str, out: Path) -> dict[str, Any]:
     before = _status("VmRSS")
     start = time.perf_counter()
     if case == "stream":
-        options = PredictOptions(
-            overlap=OVERLAP,
-            batch_size=BATCH,
-            device="cpu",
-            precision="32",
-            probabilities=True,
-            preview=True,
-            progress=False,
-        )
+        engine = Settings(window=WINDOW, overlap=OVERLAP, batch_size=BATCH, precision="32")
+        options = PredictOptions(engine=engine, probabilities=True, preview=True, progress=False)
         predict_file(model, card, raster, out, options)
     else:
         image, georef = read_raster(raster)
-        settings = Settings(window=WINDOW, overlap=OVERLAP, batch_size=BATCH, precision="32")
-        probs = predict_probabilities(model, card.normalise(image), settings)
+        engine = Settings(window=WINDOW, overlap=OVERLAP, batch_size=BATCH, precision="32")
+        probs = predict_probabilities(model, card.normalise(image), engine)
         write_raster(out / "in_memory.tif", probs.argmax(axis=0).astype(np.uint8), georef, colormap=True)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss": _status("VmHWM"), "rss_before": before}

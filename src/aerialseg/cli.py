@@ -141,18 +141,14 @@ def predict(
     `aerialseg predict data/tiles/7_image.tif --model models/model.ckpt --output predictions --tta flip`
     """
     from aerialseg.devices import DeviceError, resolve_device
+    from aerialseg.inference import Settings
     from aerialseg.model_source import ModelSourceError, load_model
     from aerialseg.predict import PredictError, PredictOptions, PredictResult, predict_paths
     from aerialseg.raster_source import InputError
 
+    engine = Settings(window or 0, overlap, batch_size, tta, blend, precision, device)
     options = PredictOptions(
-        window=window,
-        overlap=overlap,
-        batch_size=batch_size,
-        tta=tta,
-        blend=blend,
-        device=device,
-        precision=precision,
+        engine=engine,
         probabilities=probabilities,
         preview=preview,
         preview_size=preview_size,

@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +64,8 @@ class PredictError(ValueError):
 
 @dataclass(frozen=True)
 class PredictOptions:
-    window: int | None = None
-    """Window size in px (multiple of 32); None = the patch size the model was trained on."""
-    overlap: float = 0.5
-    batch_size: int = 4
-    tta: str = "none"
-    """none, flip or d4 (inference.TTA)."""
-    blend: str = "cosine"
-    """cosine, uniform or gaussian (inference.BLENDS)."""
-    device: str = "auto"
-    """auto, cpu, cuda or mps (devices.resolve_device)."""
-    precision: str = "auto"
-    """auto (bfloat16 where the device runs it natively), 32 or bf16."""
+    engine: Settings = field(default_factory=lambda: Settings(window=0, precision="auto", device="auto"))
+    """The sliding window's choices (inference.Settings); window 0 = the model's training patch size."""
     probabilities: bool = False
     preview: bool = True
     preview_size: int = 2048
@@ -146,22 +136,13 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
 def engine_settings(card: ModelCard, options: PredictOptions) -> Settings:
     """The engine's settings for these options, checked and resolved for this machine (device and
     precision decided here, once); PredictError naming the option otherwise."""
-    window = int(options.window or card.window)
-    settings = Settings(
-        window=window,
-        overlap=options.overlap,
-        batch_size=options.batch_size,
-        tta=options.tta,
-        blend=options.blend,
-        precision=options.precision,
-        device=options.device,
-    )
+    settings = replace(options.engine, window=options.engine.window or card.window)
     try:
         return settings.check().resolve()
     except DeviceError as err:
         raise PredictError(str(err)) from None
     except ValueError as err:
-        raise PredictError(f"window {window} px, overlap {options.overlap}: {err}") from None
+        raise PredictError(f"window {settings.window} px, overlap {settings.overlap}: {err}") from None
 
 
 def predict_paths(
@@ -233,7 +214,7 @@ def predict_file(
             "aerialseg_model": model_name,
             "aerialseg_input": path.name,
             "aerialseg_window": str(window),
-            "aerialseg_overlap": str(options.overlap),
+            "aerialseg_overlap": str(settings.overlap),
             "aerialseg_tta": settings.tta,
             "aerialseg_blend": settings.blend,
             "aerialseg_precision": settings.precision,
