@@ -26,8 +26,19 @@ import typer
 import yaml
 
 from aerialseg.files import atomic_path
+from aerialseg.names import (
+    DVC_EXP_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    HARDWARE_TAG,
+    SELECTED_EPOCH,
+    TRAIN_SECONDS,
+    selected,
+    test,
+    val,
+)
 from aerialseg.published import LECTURE_TAG, LECTURE_TILES, lecture_overall_accuracy_text
-from aerialseg.tracking import HARDWARE_TAG, tracking_uri
+from aerialseg.tracking import tracking_uri
 
 DEFAULT_EXPERIMENT = "aerialseg"
 BENCHMARK_SOURCES = ("vaihingen", "potsdam")
@@ -47,29 +58,29 @@ PARAM_COLUMNS = {
 }
 """Leaderboard column -> MLflow param (training logs params.yaml flattened, `train.epochs`)."""
 VAL_COLUMNS = {
-    "val_mean_f1": "selected_val_mean_f1",
-    "val_mean_f1_5": "selected_val_mean_f1_5",
-    "val_miou": "selected_val_miou",
-    "val_miou_5": "selected_val_miou_5",
-    "val_oa": "selected_val_overall_accuracy",
-    "val_kappa": "selected_val_kappa",
-    "val_epoch": "selected_epoch",
+    "val_mean_f1": selected(val("mean_f1")),
+    "val_mean_f1_5": selected(val("mean_f1_5")),
+    "val_miou": selected(val("miou")),
+    "val_miou_5": selected(val("miou_5")),
+    "val_oa": selected(val("overall_accuracy")),
+    "val_kappa": selected(val("kappa")),
+    "val_epoch": SELECTED_EPOCH,
 }
 """Leaderboard column -> MLflow metric: the validation figures of the epoch whose checkpoint `train`
 published (logged once, at the end of training, as selected_*)."""
 TEST_COLUMNS = {
-    "test_oa": "test_overall_accuracy",
-    "test_mean_f1": "test_mean_f1",
-    "test_miou": "test_miou",
-    "test_mean_f1_5": "test_mean_f1_5",
-    "test_miou_5": "test_miou_5",
-    "test_kappa": "test_kappa",
+    "test_oa": test("overall_accuracy"),
+    "test_mean_f1": test("mean_f1"),
+    "test_miou": test("miou"),
+    "test_mean_f1_5": test("mean_f1_5"),
+    "test_miou_5": test("miou_5"),
+    "test_kappa": test("kappa"),
 }
 """Leaderboard column -> MLflow metric (`evaluate` logs test_*, eroded reference)."""
-LECTURE_COLUMNS = {f"oa_full_{tile}": f"test_area{tile}_overall_accuracy_full" for tile in LECTURE_TILES}
+LECTURE_COLUMNS = {f"oa_full_{tile}": test(f"area{tile}", "overall_accuracy_full") for tile in LECTURE_TILES}
 """Leaderboard column -> MLflow metric: test OA of Vaihingen areas 15 and 23 on the full reference,
 the figure that compares with the lecture's (Vaihingen runs only)."""
-METRIC_COLUMNS = {**VAL_COLUMNS, **TEST_COLUMNS, **LECTURE_COLUMNS, "train_s": "train_seconds"}
+METRIC_COLUMNS = {**VAL_COLUMNS, **TEST_COLUMNS, **LECTURE_COLUMNS, "train_s": TRAIN_SECONDS}
 """Every leaderboard column read from an MLflow metric."""
 OLD_NAMES = {"oa": "test_oa", "mean_f1": "test_mean_f1", "miou": "test_miou", "kappa": "test_kappa"}
 """Column names of earlier versions, still accepted by --sort (they were, and are, test figures)."""
@@ -245,7 +256,7 @@ def _as_numbers(values: pd.Series) -> pd.Series:
 
 def _row(run: Any, extra_params: Sequence[str]) -> dict[str, Any]:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    commit = tags.get("git_commit") or tags.get("mlflow.source.git.commit") or ""
+    commit = tags.get(GIT_COMMIT_TAG) or tags.get("mlflow.source.git.commit") or ""
     started = run.info.start_time
     vaihingen = params.get("data.source") == "vaihingen"
     return {
@@ -260,8 +271,8 @@ def _row(run: Any, extra_params: Sequence[str]) -> dict[str, Any]:
         "lecture": tags.get(LECTURE_TAG),
         "hardware": tags.get(HARDWARE_TAG),
         "commit": commit[:8] or None,
-        "dirty": {"True": True, "False": False}.get(tags.get("git_dirty", "")),
-        "dvc_exp": tags.get("dvc_exp_name"),
+        "dirty": {"True": True, "False": False}.get(tags.get(GIT_DIRTY_TAG, "")),
+        "dvc_exp": tags.get(DVC_EXP_TAG),
         "status": run.info.status,
     }
 

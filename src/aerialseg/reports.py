@@ -27,6 +27,7 @@ from PIL import Image
 
 from aerialseg.classes import CLASS_NAMES, CLASSES, IGNORE_INDEX, index_to_colours
 from aerialseg.files import atomic_path
+from aerialseg.names import VAL, VAL_PIXELS
 
 CONFUSION_FIGSIZE = (7.0, 6.0)
 CURVES_FIGSIZE = (11.0, 4.5)
@@ -38,7 +39,7 @@ OVERLAY_MAX_PIXELS = 1024
 """Longest side, in pixels, a tile is reduced to for the overlay figure (a panel is ~400 px)."""
 ERROR_COLOUR = (1.0, 0.0, 0.0)
 PER_CLASS_COLUMNS = ("class", "f1", "precision", "recall", "iou")
-NOT_CURVES = ("val_pixels",)
+NOT_CURVES = (VAL_PIXELS,)
 """History columns that are counts, not curves: left out of the training curves figure."""
 _CMAP = "Blues"
 
@@ -147,7 +148,7 @@ def plot_training_curves(history: Sequence[Mapping[str, float | None]], path: Pa
     """
     keys = [k for k in _ordered_keys(history) if k not in NOT_CURVES]
     loss_keys = [k for k in keys if k.endswith("loss")]
-    metric_keys = [k for k in keys if k.startswith("val_") and k not in loss_keys]
+    metric_keys = [k for k in keys if k.startswith(VAL) and k not in loss_keys]
 
     fig = Figure(figsize=CURVES_FIGSIZE, dpi=DPI, layout="constrained")
     loss_ax, metric_ax = fig.subplots(1, 2)

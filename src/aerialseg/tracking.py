@@ -20,6 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aerialseg.files import atomic_path
+from aerialseg.names import (
+    DVC_EXP_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    LINEAGE_ARTIFACTS,
+    LINEAGE_TAG_PREFIX,
+    MODEL_ARTIFACT,
+    OWNER_HOST_TAG,
+    OWNER_PID_TAG,
+    OWNER_START_TAG,
+)
 from aerialseg.processes import pid_exists, proc_stat, start_time
 
 if TYPE_CHECKING:
@@ -28,13 +39,6 @@ if TYPE_CHECKING:
 DEFAULT_DB = "mlflow.db"
 MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "numpy")
 DVC_LOCK = Path("dvc.lock")
-HARDWARE_TAG = "hardware"
-LINEAGE_TAG_PREFIX = "dvc."
-OWNER_HOST_TAG = "aerialseg.host"
-OWNER_PID_TAG = "aerialseg.pid"
-OWNER_START_TAG = "aerialseg.pid_start"
-"""Which process trains a run (rank 0's host, pid and the pid's start time, in clock ticks after
-boot, where /proc has it): a RUNNING run whose process on this host is gone was killed."""
 
 
 def tracking_uri() -> str:
@@ -163,11 +167,11 @@ def run_tags() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        tags["git_commit"] = commit
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        tags[GIT_COMMIT_TAG] = commit
+        tags[GIT_DIRTY_TAG] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
     exp_name = os.environ.get("DVC_EXP_NAME")
     if exp_name:
-        tags["dvc_exp_name"] = exp_name
+        tags[DVC_EXP_TAG] = exp_name
     return tags
 
 
@@ -250,7 +254,7 @@ def log_model(
         # whole-tile prediction needs any size that is a multiple of 32.
         info = mlflow.pytorch.log_model(
             model,
-            name="model",
+            name=MODEL_ARTIFACT,
             signature=infer_signature(example, output),
             serialization_format="pickle",
             # The card without the training's params: they are the run's params already.
@@ -424,7 +428,9 @@ def log_lineage(run_id: str, stages: Iterable[str], lock: Path = DVC_LOCK) -> di
         client.set_tag(run_id, key, value)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", running)
     client.log_dict(
-        run_id, {"dvc_stage": running, "digests": tags, "stages": entries}, f"dvc/lock_at_{safe}.json"
+        run_id,
+        {"dvc_stage": running, "digests": tags, "stages": entries},
+        f"{LINEAGE_ARTIFACTS}/lock_at_{safe}.json",
     )
     return tags
 

@@ -53,11 +53,25 @@ from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
 from aerialseg.model_card import ModelCard
+from aerialseg.names import (
+    HARDWARE_TAG,
+    SCORES,
+    SELECTED_EPOCH,
+    TRAIN,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    VAL,
+    VAL_LOSS,
+    VAL_MEAN_F1,
+    VAL_PIXELS,
+    VAL_SECONDS,
+    selected,
+    val,
+)
 from aerialseg.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
 from aerialseg.patches import PatchFileInfo, open_h5, read_patch_info, read_tile_file_info
 from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
-    HARDWARE_TAG,
     RunRef,
     check_tracking_store,
     end_dead_runs,
@@ -71,15 +85,13 @@ from aerialseg.tracking import (
     tracking_uri,
 )
 
-MONITOR = "val_mean_f1"
+MONITOR = VAL_MEAN_F1
 """The metric that picks the best checkpoint, drives early stopping and the plateau scheduler."""
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 RUN_REF = "mlflow_run.json"
 FINGERPRINT = "fingerprint.json"
 HISTORY_KEY = "aerialseg_history"
-VAL_SCORES = ("overall_accuracy", "kappa", "mean_f1", "miou", "mean_f1_5", "miou_5")
-"""Logged per epoch as val_<key>, and for the published epoch as selected_val_<key>."""
 
 
 # ---------------------------------------------------------------- the task
@@ -143,7 +155,7 @@ class SegmentationTask(L.LightningModule):
             image = self.jitter(image)
         loss = self.loss(self(image), batch["mask"].long())
         self.log(
-            "train_loss",
+            TRAIN_LOSS,
             loss,
             on_step=False,
             on_epoch=True,
@@ -178,22 +190,22 @@ class SegmentationTask(L.LightningModule):
         self.val_confusion.reset()
         self.val_loss.reset()
         result = scores(cm, CLASS_NAMES[: cm.shape[0]])
-        for key in VAL_SCORES:
+        for key in SCORES:
             if result[key] is not None:
-                self.log(f"val_{key}", float(result[key]), prog_bar=key == "mean_f1")
+                self.log(val(key), float(result[key]), prog_bar=val(key) == MONITOR)
         if cm.sum():
-            self.log("val_loss", loss, prog_bar=True)
+            self.log(VAL_LOSS, loss, prog_bar=True)
         # How many pixels were scored: a DDP run must count each val pixel exactly once.
-        self.log("val_pixels", float(cm.sum()))
+        self.log(VAL_PIXELS, float(cm.sum()))
         # What whole-tile validation costs per epoch (this rank's share, in seconds).
-        self.log("val_seconds", time.perf_counter() - self._val_started)
+        self.log(VAL_SECONDS, time.perf_counter() - self._val_started)
 
     def on_train_epoch_end(self) -> None:
         # Runs after validation in Lightning 2.x, so the epoch's val metrics are in here too.
         if self.trainer.sanity_checking:
             return
         metrics = {
-            k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("train_", "val_"))
+            k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith((TRAIN, VAL))
         }
         self.history.append({"epoch": float(self.current_epoch), **metrics})
 
@@ -390,22 +402,18 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
             ckpt_path=str(resume_from) if resume_from else None,
         )
         seconds = clock.total()
-        final = {**(task.history[-1] if task.history else {}), "train_seconds": seconds}
+        final = {**(task.history[-1] if task.history else {}), TRAIN_SECONDS: seconds}
         # Rank 0 only, and nothing in here may be a collective call: the other ranks have left.
         if trainer.is_global_zero:
             assert isinstance(logger, MLFlowLogger)
-            logger.log_metrics({"train_seconds": seconds})
+            logger.log_metrics({TRAIN_SECONDS: seconds})
             network, epoch = _selected_network(task, args, best.best_model_path)
-            selected = next((row for row in task.history if row["epoch"] == epoch), final)
+            selected_row = next((row for row in task.history if row["epoch"] == epoch), final)
             # The figures that chose the published model, for the leaderboard to rank by.
             logger.log_metrics(
                 {
-                    "selected_epoch": epoch,
-                    **{
-                        f"selected_val_{k}": selected[f"val_{k}"]
-                        for k in VAL_SCORES
-                        if f"val_{k}" in selected
-                    },
+                    SELECTED_EPOCH: epoch,
+                    **{selected(val(k)): selected_row[val(k)] for k in SCORES if val(k) in selected_row},
                 }
             )
             card = ModelCard.for_training(
@@ -415,7 +423,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
                 std=train_info.stats.std,
                 window=train_info.size,
                 config=params.model_dump(mode="json"),
-                metrics={**selected, "train_seconds": seconds},
+                metrics={**selected_row, TRAIN_SECONDS: seconds},
             )
             save_checkpoint(out / "model.ckpt", network, card)
             pd.DataFrame(task.history).to_csv(out / "history.csv", index=False)
@@ -476,7 +484,7 @@ class TrainClock(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.logger.log_metrics({"train_seconds": self.total()})
+            self.logger.log_metrics({TRAIN_SECONDS: self.total()})
 
 
 def _previous_seconds(run_id: str | None) -> float:
@@ -485,7 +493,7 @@ def _previous_seconds(run_id: str | None) -> float:
         return 0.0
     from mlflow import MlflowClient
 
-    return float(MlflowClient(tracking_uri()).get_run(run_id).data.metrics.get("train_seconds", 0.0))
+    return float(MlflowClient(tracking_uri()).get_run(run_id).data.metrics.get(TRAIN_SECONDS, 0.0))
 
 
 @contextlib.contextmanager
@@ -503,7 +511,7 @@ def _run_status(logger: Logger, clock: TrainClock) -> Iterator[None]:
             # Best effort: the error that ends the run is the one to report, not the store's.
             with contextlib.suppress(Exception):
                 if clock.started is not None:
-                    logger.log_metrics({"train_seconds": clock.total()})
+                    logger.log_metrics({TRAIN_SECONDS: clock.total()})
                 logger.experiment.set_terminated(logger.run_id, status)
         raise
     assert logger.run_id is not None
