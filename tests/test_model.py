@@ -1,4 +1,7 @@
-"""The model contract: shapes, gradients, input-size errors, checkpoints and encoder weights."""
+"""The factory's own cases: input-size and encoder errors, checkpoint contents, encoder weights, fcn_skip.
+
+What every architecture keeps (shapes, gradients, its input rule, checkpoint round trip, ONNX) is
+tests/test_model_contract.py."""
 
 from __future__ import annotations
 
@@ -22,26 +25,17 @@ def model() -> torch.nn.Module:
     return build_model(ARGS)
 
 
-def test_output_has_one_channel_per_class_at_input_size(model: torch.nn.Module) -> None:
-    out = model.eval()(torch.randn(2, 4, 64, 96))
-    assert out.shape == (2, 6, 64, 96)
-
-
-def test_backward_reaches_every_encoder_stage(model: torch.nn.Module) -> None:
-    model.train().zero_grad()
-    loss = torch.nn.functional.cross_entropy(
-        model(torch.randn(2, 4, 64, 64)), torch.randint(0, 6, (2, 64, 64))
-    )
-    loss.backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    assert grads["encoder.conv1.weight"] is not None and grads["encoder.conv1.weight"].abs().sum() > 0
-    assert grads["encoder.layer4.1.conv2.weight"] is not None
-
-
 @pytest.mark.parametrize(("height", "width"), [(100, 64), (64, 48), (31, 31)])
 def test_size_not_multiple_of_32_is_a_clear_error(height: int, width: int) -> None:
     with pytest.raises(ValueError, match=rf"{height} x {width} is not a multiple of 32"):
         check_input_size(height, width)
+
+
+def test_unknown_encoder_is_a_clear_error() -> None:
+    with pytest.raises(
+        ValueError, match=r"^model.encoder: 'resnet5' is not an smp encoder; did you mean one of: resnet50"
+    ):
+        build_model(model_args("fpn", "resnet5", in_channels=4, num_classes=6))
 
 
 def test_checkpoint_round_trip_rebuilds_the_same_model(model: torch.nn.Module, tmp_path: Path) -> None:
