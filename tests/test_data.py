@@ -140,15 +140,22 @@ def test_samples_are_the_stored_arrays(patch_file: Path) -> None:
             np.testing.assert_array_equal(sample[key].numpy(), values[i])
 
 
-def test_a_list_of_indices_reads_a_batch(patch_file: Path) -> None:
+def test_a_list_of_indices_reads_a_packed_batch(patch_file: Path) -> None:
     dataset = PatchDataset(patch_file, augment=True, seed=4)
     indices = [(2, 7), (2, 0), (2, 7), (2, 17)]
     batch = dataset[indices]
+    assert set(batch) == {"packed"}
+    packed = batch["packed"]
+    assert packed.dtype == torch.uint8 and packed.shape == (len(indices), dataset.layout.row_bytes)
+    # One row a patch: 3 x 64 x 64 uint8, 64 x 64 int16, 64 x 64 uint8 mask (64-byte aligned).
+    assert dataset.layout.row_bytes == SIZE * SIZE * (3 + 2 + 1)
+    unpacked = dataset.layout.unpack(packed)
     for row, index in enumerate(indices):
         sample = dataset[index]
         for key in ("image", "height", "mask"):
-            assert batch[key].shape == (len(indices), *sample[key].shape)
-            assert torch.equal(batch[key][row], sample[key])
+            assert unpacked[key].shape == (len(indices), *sample[key].shape)
+            assert unpacked[key].dtype == sample[key].dtype
+            assert torch.equal(unpacked[key][row], sample[key])
 
 
 def test_without_augmentation_samples_repeat(patch_file: Path) -> None:
@@ -165,7 +172,9 @@ def test_decode_gives_the_normalised_tile_values(patch_file: Path, synthetic_til
     info = read_patch_info(patch_file)
     dataset = PatchDataset(patch_file)
     batch = dataset[list(range(len(dataset)))]
-    image = Decode.from_info(info)(batch)
+    image, mask = Decode.from_info(info)(batch)
+    assert mask.dtype == torch.int64
+    np.testing.assert_array_equal(mask.numpy(), stored(patch_file)["mask"])
     assert image.dtype == torch.float32 and image.shape == (len(dataset), len(BANDS), SIZE, SIZE)
     expected = normalised(patch_file, decoded(patch_file))
     np.testing.assert_allclose(image.numpy(), expected, rtol=0, atol=1e-5)
@@ -198,7 +207,9 @@ def test_decode_puts_the_bands_back_in_the_file_order() -> None:
         "image": rng.integers(0, 256, (2, 2, 8, 8), dtype=np.uint8),
         "height": rng.integers(-500, 3000, (2, 2, 8, 8)).astype(np.int16),
     }
-    out = Decode(codings, mean, std)({k: torch.from_numpy(v) for k, v in arrays.items()})
+    arrays["mask"] = rng.integers(0, 6, (2, 8, 8), dtype=np.uint8)
+    out, mask = Decode(codings, mean, std)({k: torch.from_numpy(v) for k, v in arrays.items()})
+    assert torch.equal(mask, torch.from_numpy(arrays["mask"]).long())
     values = decode_bands(arrays, codings)
     assert values[:, 0].tolist() == (arrays["height"][:, 0] * 0.01).astype(np.float32).tolist()
     expected = (values - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[
@@ -356,8 +367,8 @@ def test_epoch_batches_through_workers_are_the_batches_read_here(patch_file: Pat
     seen = 0
     for indices, batch in zip(batches, loader, strict=True):
         expected = here[indices]
-        assert all(torch.equal(batch[k], expected[k]) for k in expected)
-        assert batch["image"].is_shared() and batch["height"].dtype == torch.int16
+        assert set(batch) == {"packed"} and torch.equal(batch["packed"], expected["packed"])
+        assert batch["packed"].is_shared()
         seen += len(indices)
     assert seen == len(shards)
 

@@ -4,8 +4,10 @@ batch on the training device."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,57 @@ class SpectralJitter(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class PatchLayout:
+    """Where a patch's arrays lie in one row of a packed batch (`PatchDataset` with a list of
+    indices): `image` (S, size, size) uint8, `height` (Hc, size, size) int16, `mask` (size, size)
+    uint8, one after the other, each at a multiple of ALIGN bytes.
+
+    One block of bytes per batch because a DataLoader worker hands each tensor over through its
+    own file descriptor, a round trip between the processes that cost ~1-3 ms on this 2-core
+    machine: three tensors a batch cost more than reading the batch."""
+
+    image: int
+    height: int
+    size: int
+
+    ALIGN = 64
+
+    @classmethod
+    def of(cls, codings: Sequence[BandCoding], size: int) -> PatchLayout:
+        image, height = (sum(c.dataset == name for c in codings) for name in STORED_DATASETS)
+        return cls(image, height, size)
+
+    def parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+        """(key, dtype, shape of one patch, byte offset in the row, bytes) of each array."""
+        side = (self.size, self.size)
+        arrays: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
+            ("image", torch.uint8, (self.image, *side)),
+            ("height", torch.int16, (self.height, *side)),
+            ("mask", torch.uint8, side),
+        ]
+        parts, offset = [], 0
+        for key, dtype, shape in arrays:
+            nbytes = math.prod(shape) * dtype.itemsize
+            parts.append((key, dtype, shape, offset, nbytes))
+            offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        return parts
+
+    @property
+    def row_bytes(self) -> int:
+        *_, offset, nbytes = self.parts()[-1]
+        return offset + -(-nbytes // self.ALIGN) * self.ALIGN
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, row_bytes) uint8 -> `{"image": (B, S, H, W) uint8, "height": (B, Hc, H, W) int16,
+        "mask": (B, H, W) uint8}`, views of `packed` (on whatever device it is)."""
+        n = packed.shape[0]
+        return {
+            key: packed[:, offset : offset + nbytes].view(dtype).view(n, *shape)
+            for key, dtype, shape, offset, nbytes in self.parts()
+        }
+
+
 class Decode(nn.Module):
     """A compact training batch (`PatchDataset`) -> the network's input: `(B, C, H, W)` float32,
     bands in the file's order, normalised with the file's statistics.
@@ -133,8 +186,15 @@ class Decode(nn.Module):
     `mean`/`std` the training tiles' statistics in tile units (`patches.band_statistics`).
     """
 
-    def __init__(self, codings: Sequence[BandCoding], mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        codings: Sequence[BandCoding],
+        mean: Sequence[float],
+        std: Sequence[float],
+        layout: PatchLayout | None = None,
+    ) -> None:
         super().__init__()
+        self.layout = layout
         counts = [sum(c.dataset == name for c in codings) for name in STORED_DATASETS]
         first = dict(zip(STORED_DATASETS, np.cumsum([0, *counts[:-1]]).tolist(), strict=True))
         # Channel of each band in the batch's datasets concatenated (image first, then height).
@@ -154,14 +214,20 @@ class Decode(nn.Module):
 
     @classmethod
     def from_info(cls, info: PatchFileInfo) -> Decode:
-        return cls(info.codings, info.stats.mean, info.stats.std)
+        return cls(info.codings, info.stats.mean, info.stats.std, PatchLayout.of(info.codings, info.size))
 
     @torch.no_grad()
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch`: the dict of compact arrays, or `{"packed": (B, row_bytes) uint8}` (a batch as
+        `PatchDataset` hands it over, unpacked with `layout`). Returns the normalised float32
+        (B, C, H, W) image and the (B, H, W) int64 mask."""
+        if "packed" in batch:
+            assert self.layout is not None, "a packed batch needs the PatchLayout"
+            batch = self.layout.unpack(batch["packed"])
         stored = torch.cat([batch[name].float() for name in self.datasets], dim=1)
         if self.reorder:
             stored = stored.index_select(1, self.order)
-        return torch.addcmul(self.bias, stored, self.gain)
+        return torch.addcmul(self.bias, stored, self.gain), batch["mask"].long()
 
 
 def derived_seed(seed: int, *where: int) -> int:
@@ -186,9 +252,10 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
     so a sample is the same whichever worker reads it, however long that worker has lived, and in
     a resumed run. A plain number draws from the process's own stream (seeded per worker).
 
-    A list of indices reads a whole batch: the same dict with a leading batch axis, written by
-    the worker straight into shared memory, so that handing it to the training process copies
-    nothing (a DataLoader with `batch_size=None` and `datamodule.EpochBatches`).
+    A list of indices reads a whole batch as `{"packed": (B, row_bytes) uint8}`, one block that
+    the worker writes straight into shared memory, so that handing it to the training process
+    copies nothing and passes one file descriptor (a DataLoader with `batch_size=None` and
+    `datamodule.EpochBatches`); `layout.unpack` gives the dict of arrays back, as views.
 
     The file is opened lazily in each process: h5py handles must not cross a fork.
     """
@@ -200,7 +267,7 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         self.length = info.length
         self.bands = info.bands
         self.size = info.size
-        self.channels = {name: sum(c.dataset == name for c in info.codings) for name in STORED_DATASETS}
+        self.layout = PatchLayout.of(info.codings, info.size)
         self.augment = augment
         self._h5: h5py.File | None = None
         self._pid: int | None = None
@@ -212,20 +279,17 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
 
     def __getitem__(self, index: Index | list[Index]) -> dict[str, torch.Tensor]:
         if isinstance(index, list):
-            return self._batch(index)
-        return {key: value[0] for key, value in self._batch([index], shared=False).items()}
+            return {"packed": self._batch(index)}
+        return {
+            key: value[0] for key, value in self.layout.unpack(self._batch([index], shared=False)).items()
+        }
 
-    def _batch(self, indices: Sequence[Index], *, shared: bool = True) -> dict[str, torch.Tensor]:
+    def _batch(self, indices: Sequence[Index], *, shared: bool = True) -> torch.Tensor:
         if self._pid != os.getpid():
             self._start_in_this_process()
-        assert self._h5 is not None
-        n, size = len(indices), self.size
-        out = {
-            "image": _empty((n, self.channels["image"], size, size), torch.uint8, shared),
-            "height": _empty((n, self.channels["height"], size, size), torch.int16, shared),
-            "mask": _empty((n, size, size), torch.uint8, shared),
-        }
-        read = {key: self._datasets[key] for key, value in out.items() if value.numel()}
+        packed = _empty((len(indices), self.layout.row_bytes), torch.uint8, shared)
+        out = {key: value.numpy() for key, value in self.layout.unpack(packed).items()}
+        read = {key: self._datasets[key] for key, value in out.items() if value.size}
         for row, index in enumerate(indices):
             epoch, patch = index if isinstance(index, tuple) else (None, index)
             symmetry = self._symmetry(epoch, patch)
@@ -234,8 +298,8 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
                     stored = ds[patch]
                 except OSError as err:
                     raise h5_read_error(self.path, err, f"patch {patch}") from err
-                d4_into(stored, symmetry, out[key][row].numpy())
-        return out
+                d4_into(stored, symmetry, out[key][row])
+        return packed
 
     def _symmetry(self, epoch: int | None, patch: int) -> int:
         if not self.augment:

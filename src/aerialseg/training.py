@@ -150,10 +150,13 @@ class SegmentationTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Here, not in on_after_batch_transfer: RandomStreams has just reseeded torch's generator.
-        image = batch["image"] if self.decode is None else self.decode(batch)
+        if self.decode is None:
+            image, mask = batch["image"], batch["mask"]
+        else:
+            image, mask = self.decode(batch)  # a packed compact batch (data.PatchDataset)
         if self.jitter is not None:
             image = self.jitter(image)
-        loss = self.loss(self(image), batch["mask"].long())
+        loss = self.loss(self(image), mask.long())
         self.log(
             TRAIN_LOSS,
             loss,
@@ -161,7 +164,7 @@ class SegmentationTask(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             sync_dist=True,
-            batch_size=len(batch["mask"]),
+            batch_size=len(mask),
         )
         return loss
 
