@@ -41,12 +41,54 @@ MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "numpy")
 DVC_LOCK = Path("dvc.lock")
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite store at the project root (where `mlflow ui` looks).
+DVC_ROOT_ENV = "DVC_ROOT"
+"""Set by DVC for every stage command it runs: the project's root. In `dvc exp run --temp` and in
+queued experiments the stages run in a throwaway copy under .dvc/tmp/exps/, and DVC sets it to the
+ORIGINAL project's root there (dvc/repo/experiments/queue/base.py: "Override DVC_ROOT env var to
+point to the parent DVC repo root (and not an executor tempdir root)")."""
+DEFAULT_ARTIFACTS = "mlruns"
+"""The project's own store keeps artifacts in <project root>/mlruns (MLflow's default folder name)."""
 
-    DVC runs every stage from the project root, so the working directory is that root.
+
+def project_root() -> Path:
+    """The project whose own MLflow store a run belongs to: DVC_ROOT when DVC runs us, so that an
+    experiment run in a temporary copy still lands in the project; else the working directory
+    (commands such as `aerialseg leaderboard` run from the project root)."""
+    root = os.environ.get(DVC_ROOT_ENV, "").strip()
+    return Path(root) if root else Path.cwd()
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set (a team server, `aerialseg server start`), else the project's own
+    SQLite store, <project_root()>/mlflow.db (where `mlflow ui` run from the root looks)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created when missing; returns the existing one when another
+    process created it meanwhile (two jobs starting together on one server).
+
+    Created here rather than by Lightning's logger so that, in the project's own store, its
+    artifacts go to <project_root()>/mlruns: MLflow's default is ./mlruns of the working
+    directory, the throwaway copy of a `dvc exp run --temp`. A server (MLFLOW_TRACKING_URI) keeps
+    its own artifact location (proxied, `--artifacts-destination`).
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri())
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    local = not os.environ.get("MLFLOW_TRACKING_URI")
+    location = (project_root() / DEFAULT_ARTIFACTS).absolute().as_uri() if local else None
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException as err:
+        found = client.get_experiment_by_name(name)
+        if err.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
+            raise
+        return str(found.experiment_id)
 
 
 TRACKING_TIMEOUT_ENV = "AERIALSEG_TRACKING_TIMEOUT"

@@ -75,6 +75,7 @@ from aerialseg.tracking import (
     RunRef,
     check_tracking_store,
     end_dead_runs,
+    ensure_experiment,
     flatten,
     hardware_tag,
     log_lineage,
@@ -452,6 +453,7 @@ def _run_logger(params: Params, run_id: str | None) -> Logger:
     # Before the trainer exists, rank_zero_only.rank comes from the launcher's environment.
     if getattr(rank_zero_only, "rank", 0) != 0:
         return DummyLogger()
+    ensure_experiment(params.tracking.experiment)  # its artifacts in the project, not a temp copy
     return RunLogger(
         experiment_name=params.tracking.experiment,
         run_name=run_name(params.model.encoder),
