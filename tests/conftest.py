@@ -8,7 +8,9 @@ The data fixtures are session-scoped and read-only: a test that needs to damage 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from archive_builders import (
@@ -21,7 +23,7 @@ from archive_builders import (
     write_downloads,
 )
 
-from aerialseg.config import DataConfig, SyntheticConfig
+from aerialseg.config import DataConfig, Params, SyntheticConfig
 from aerialseg.datasets.isprs import build_tiles
 from aerialseg.datasets.synthetic import write_vaihingen_layout
 from aerialseg.patches import build_patches
@@ -77,12 +79,58 @@ def patches_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_tiles: Path)
 
 
 # --------------------------------------------------------------------------------------
+# One small base Params that each test changes a key or two of (as lightning-hydra-template's tests do)
+
+
+SMALL_PARAMS: dict[str, dict[str, Any]] = {
+    "data": {"val_tiles": list(VAL_TILES), "test_tiles": list(TEST_TILES)},
+    "patches": {"size_px": 64},  # `patches_dir`'s
+    "model": {"encoder": "resnet18"},
+    "train": {
+        "epochs": 1,
+        "batch_size": 4,
+        "num_workers": 0,
+        "limit_train_batches": 2,
+        "precision": "32",
+        "accelerator": "cpu",
+    },
+    "tracking": {"experiment": "unit"},
+}
+"""One epoch of two batches of 4 of `patches_dir`'s 64 px patches, ResNet18, fp32 on the CPU, no
+loader workers; every other key at its default, paths.models in the test's folder (`small_params`)."""
+
+SmallParams = Callable[..., Params]
+
+
+def _small_params(root: Path, overrides: Mapping[str, Any] | None = None) -> Params:
+    values = {section: dict(keys) for section, keys in SMALL_PARAMS.items()}
+    values["paths"] = {"models": root / "models"}
+    for dotted, value in (overrides or {}).items():
+        section, sep, key = dotted.partition(".")
+        if not sep:
+            raise KeyError(f"{dotted!r}: expected a dotted key, section.key (e.g. 'train.epochs')")
+        values.setdefault(section, {})[key] = value
+    return Params.model_validate(values)
+
+
+@pytest.fixture(scope="session")
+def small_params() -> SmallParams:
+    """`small_params(tmp_path, {"paths.patches": patches_dir, "train.epochs": 2})`: SMALL_PARAMS with
+    paths.models = tmp_path / "models" and the given dotted keys (section.key) changed, validated as
+    params.yaml is (pydantic's ValidationError for a bad value, KeyError for a key without a
+    section). A test that needs them as a file writes `.model_dump(mode="json")`. Session-scoped, so
+    module-scoped fixtures can use it too."""
+    return _small_params
+
+
+# --------------------------------------------------------------------------------------
 # The official ISPRS archives (tests/archive_builders.py)
 
 
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
-    """Where a test's `build_tiles` writes: neither the folder nor its parent exists yet."""
+    """Where a test's `build_tiles` writes: neither the folder nor its parent exists yet; a parent of
+    its own, so that any temporary sibling left behind would be seen (`assert_no_output`)."""
     return tmp_path / "out" / "tiles"
 
 

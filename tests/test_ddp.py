@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -22,6 +23,7 @@ import pytest
 
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import IGNORE_INDEX
+from aerialseg.config import Params
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,31 +48,26 @@ def _scored_pixels(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp_training(patches_dir: Path, tmp_path: Path) -> None:
+def test_two_process_cpu_ddp_training(
+    patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
+) -> None:
     from mlflow import MlflowClient
 
     n_val, expected_pixels = _scored_pixels(patches_dir / "val.h5")
     # An odd number of val tiles on two ranks: one rank gets an empty step (a padding sampler
     # repeating a tile would count it twice; a rank without a step would hang the other).
     assert n_val % 2 == 1
-    params = {
-        "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},
-        "data": {"val_tiles": [3], "test_tiles": [4]},
-        "patches": {"size_px": 64},
-        "model": {"encoder": "resnet18"},
-        "train": {
-            "epochs": 1,
-            "batch_size": 2,
-            "num_workers": 0,
-            "limit_train_batches": 2,
-            "precision": "32",
-            "accelerator": "cpu",
-            "devices": 2,
-            "strategy": "ddp",
+    params = small_params(
+        tmp_path,
+        {
+            "paths.patches": patches_dir,
+            "train.batch_size": 2,
+            "train.devices": 2,
+            "train.strategy": "ddp",
+            "tracking.experiment": "ddp",
         },
-        "tracking": {"experiment": "ddp"},
-    }
-    (tmp_path / "params.json").write_text(json.dumps(params))
+    )
+    (tmp_path / "params.json").write_text(json.dumps(params.model_dump(mode="json")))
     (tmp_path / "run_train.py").write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a small machine

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from aerialseg.checkpoint import save_checkpoint
 from aerialseg.classes import CLASSES
 from aerialseg.cli import app
+from aerialseg.config import Params
 from aerialseg.model import build_model, model_args
 from aerialseg.patches import BandStats
 from aerialseg.raster import GeoReference, write_raster
@@ -193,17 +194,19 @@ def patches_copy(tmp_path: Path, patches_dir: Path) -> Path:
     return Path(shutil.copytree(patches_dir, tmp_path / "patches"))
 
 
-def train_project(tmp_path: Path, patches: Path, **train: Any) -> Path:
-    return write_params(
-        tmp_path / "project",
+def train_project(tmp_path: Path, small_params: Callable[..., Params], patches: Path, **train: Any) -> Path:
+    """A project folder whose params.yaml trains `fcn_skip` on `patches` (`train` changes train.* keys)."""
+    params = small_params(
+        tmp_path,
         {
-            "paths": {"patches": str(patches), "models": "models", "reports": "reports"},
-            "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size_px": 64},
-            "model": {"arch": "fcn_skip", "encoder": "resnet18"},
-            "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, **train},
+            "paths.patches": patches,
+            "paths.models": "models",
+            "paths.reports": "reports",
+            "model.arch": "fcn_skip",
+            **{f"train.{key}": value for key, value in train.items()},
         },
     )
+    return write_params(tmp_path / "project", params.model_dump(mode="json"))
 
 
 RERUN = "rerun the `patches` stage (`dvc repro patches`, or `dvc checkout` for the stored one)"
@@ -239,10 +242,15 @@ def _val_without_bands(path: Path) -> str:
     ids=["truncated", "not-hdf5", "no-attributes", "val-without-bands"],
 )
 def test_train_names_a_damaged_patch_file(
-    tmp_path: Path, patches_copy: Path, damage: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    tmp_path: Path,
+    small_params: Callable[..., Params],
+    patches_copy: Path,
+    damage: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
 ) -> None:
     expected = damage(patches_copy / "train.h5")
-    line = run_stage_script("train", train_project(tmp_path, patches_copy), monkeypatch, capsys)
+    line = run_stage_script("train", train_project(tmp_path, small_params, patches_copy), monkeypatch, capsys)
     assert line.startswith(expected), line
     assert line.endswith(RERUN), line
 
@@ -275,11 +283,16 @@ def _pickled_model(path: Path) -> str:
     ids=["random-bytes", "html-page", "cut-torch-file", "pickled-model"],
 )
 def test_train_names_pretrained_weights_that_are_not_a_weights_file(
-    tmp_path: Path, patches_dir: Path, make: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    tmp_path: Path,
+    small_params: Callable[..., Params],
+    patches_dir: Path,
+    make: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
 ) -> None:
     weights = tmp_path / "encoder.pth"
     looks_like = make(weights)
-    project = train_project(tmp_path, patches_dir, pretrained=str(weights))
+    project = train_project(tmp_path, small_params, patches_dir, pretrained=str(weights))
     line = run_stage_script("train", project, monkeypatch, capsys)
     assert line == (
         f"train.pretrained: {weights} is not a PyTorch weights file ({looks_like}); expected a state "
@@ -464,10 +477,15 @@ TAIL = (
     ids=["answers-404", "never-answers", "refused"],
 )
 def test_train_fails_fast_on_a_tracking_store_it_cannot_use(
-    tmp_path: Path, patches_dir: Path, server: str, problem: str, request: pytest.FixtureRequest
+    tmp_path: Path,
+    small_params: Callable[..., Params],
+    patches_dir: Path,
+    server: str,
+    problem: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     uri = request.getfixturevalue(server)
-    line = run_stage_subprocess("train", train_project(tmp_path, patches_dir), uri)
+    line = run_stage_subprocess("train", train_project(tmp_path, small_params, patches_dir), uri)
     assert line == f"MLFLOW_TRACKING_URI={uri}: {problem}{TAIL}"
     assert not (tmp_path / "project" / "models").exists()  # checked before any work
 

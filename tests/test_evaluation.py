@@ -4,6 +4,7 @@ lecture's published figures (src/aerialseg/published.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def _fake_model(monkeypatch: pytest.MonkeyPatch, trained: dict[str, Any]) -> Non
 
 @pytest.fixture
 def lecture_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, small_params: Callable[..., Params], monkeypatch: pytest.MonkeyPatch
 ) -> tuple[dict[str, Any], Params, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], str]:
     """`evaluate` run on two small "Vaihingen 15 and 23" test tiles with a fake model trained from
     scratch, into a tmp SQLite MLflow store: (metrics, params, per tile truth, MLflow URI)."""
@@ -119,17 +120,16 @@ def lecture_run(
     RunRef(run.info.run_id, experiment, "lecture-vaihingen").save(tmp_path / "models" / "mlflow_run.json")
     truth = _write_tiles(tmp_path / "data" / "tiles")
     _fake_model(monkeypatch, _trained())
-    params = Params.model_validate(
+    params = small_params(
+        tmp_path,
         {
-            "data": {
-                "source": "vaihingen",
-                "raw_dir": "data/raw/vaihingen",
-                "bands": BANDS,
-                "val_tiles": ["37"],
-                "test_tiles": list(SIZES),
-            },
-            "paths": {"tiles": "data/tiles", "models": "models", "reports": "reports"},
-        }
+            "data.source": "vaihingen",
+            "data.raw_dir": "data/raw/vaihingen",
+            "data.bands": BANDS,
+            "data.val_tiles": ["37"],
+            "data.test_tiles": list(SIZES),
+            "paths.tiles": "data/tiles",
+        },
     )
     return evaluate(params), params, truth, uri
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from project_copy import TINY, copy_project, project_env, run
 
 from aerialseg.checkpoint_io import AtomicCheckpointIO
+from aerialseg.config import Params
 from aerialseg.files import host_tag, temp_name
 
 HOST = host_tag()
@@ -330,11 +332,10 @@ def test_lightning_killed_during_a_checkpoint_save_resumes_from_the_previous_one
 
 
 def test_train_gives_the_trainer_the_atomic_checkpoint_io(
-    patches_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import lightning
 
-    from aerialseg.config import Params
     from aerialseg.training import train
 
     built: dict[str, Any] = {}
@@ -349,16 +350,7 @@ def test_train_gives_the_trainer_the_atomic_checkpoint_io(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(lightning, "Trainer", trainer)
-    params = Params.model_validate(
-        {
-            "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},
-            "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size_px": 64},
-            "model": {"encoder": "resnet18"},
-            "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "accelerator": "cpu"},
-            "tracking": {"experiment": "unit"},
-        }
-    )
+    params = small_params(tmp_path, {"paths.patches": patches_dir})
     with pytest.raises(Built):
         train(params)
     assert [type(p) for p in built["plugins"]] == [AtomicCheckpointIO]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from rasterio.crs import CRS
 from scipy import ndimage
 
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES, colours_to_index, index_to_colours
-from aerialseg.config import DataConfig
+from aerialseg.config import DataConfig, Params
 from aerialseg.datasets.isprs import build_tiles
 from aerialseg.raster import GeoReference, read_raster
 from aerialseg.windows import window_grid
@@ -139,13 +140,14 @@ def test_real_vaihingen_crop_through_the_official_archives(tmp_path: Path, out_d
     assert np.median(ndsm[np.isin(label, [0, 2])]) < 0.5
 
 
-def test_real_crop_through_tiles_and_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_crop_through_tiles_and_evaluate(
+    tmp_path: Path, small_params: Callable[..., Params], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The evaluate stage's path on real pixels: whole-tile prediction, eroded scoring, georeference."""
     import mlflow
     import torch
 
     from aerialseg.checkpoint import save_checkpoint
-    from aerialseg.config import Params
     from aerialseg.evaluation import evaluate
     from aerialseg.model import build_model, model_args
     from aerialseg.patches import BandStats
@@ -157,19 +159,19 @@ def test_real_crop_through_tiles_and_evaluate(tmp_path: Path, monkeypatch: pytes
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = Params.model_validate(
+    params = small_params(
+        tmp_path,
         {
-            "data": {
-                "source": "vaihingen",
-                "raw_dir": str(raw),
-                "bands": ["ir", "r", "g"],
-                "train_tiles": ["2"],
-                "val_tiles": ["3"],
-                "test_tiles": ["1"],
-            },
-            "paths": {"tiles": "tiles", "models": "models", "reports": "reports"},
-            "evaluate": {"overlap": 0.5, "batch_size": 4},
-        }
+            "data.source": "vaihingen",
+            "data.raw_dir": raw,
+            "data.bands": ["ir", "r", "g"],
+            "data.train_tiles": ["2"],
+            "data.val_tiles": ["3"],
+            "data.test_tiles": ["1"],
+            "paths.tiles": "tiles",
+            "evaluate.overlap": 0.5,
+            "evaluate.batch_size": 4,
+        },
     )
     build_tiles(raw, params.paths.tiles, params.data)
     # An untrained network: the point is the path on real pixels, not the accuracy.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from test_training_engine import Crash, CrashAtEpoch, _assert_identical, _params, _weights
 from torch.utils.data import DataLoader, DistributedSampler
 
+from aerialseg.config import Params
 from aerialseg.data import PatchDataset
 from aerialseg.datamodule import EpochShards
 from aerialseg.training import FINGERPRINT, file_digest, train
@@ -57,10 +58,10 @@ def _resume_lines(err: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(store: Path, patches_dir: Path) -> Path:
+def straight(store: Path, patches_dir: Path, small_params: Callable[..., Params]) -> Path:
     """An uninterrupted run of EXACT."""
     models = store / "straight"
-    train(_params(patches_dir, models, **EXACT))
+    train(_params(small_params, patches_dir, models, **EXACT))
     return models
 
 
@@ -83,17 +84,18 @@ def test_a_resumed_run_with_workers_and_augmentation_repeats_the_uninterrupted_o
     store: Path,
     straight: Path,
     patches_dir: Path,
+    small_params: Callable[..., Params],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     models = tmp_path / "models"
     crash = CrashAtEpoch(2) if kill == "at the epoch boundary" else CrashInEpoch(2)
     with pytest.raises(Crash):
-        train(_params(patches_dir, models, **EXACT), callbacks=[crash])
+        train(_params(small_params, patches_dir, models, **EXACT), callbacks=[crash])
     crashed_run = json.loads((models / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
     capsys.readouterr()
 
-    train(_params(patches_dir, models, **EXACT, resume=True))
+    train(_params(small_params, patches_dir, models, **EXACT, resume=True))
 
     assert not _resume_lines(capsys.readouterr().err)  # resumed silently: nothing differs
     for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "model.ckpt"):
@@ -106,9 +108,9 @@ def test_a_resumed_run_with_workers_and_augmentation_repeats_the_uninterrupted_o
 
 @pytest.mark.slow
 def test_the_number_of_loader_workers_does_not_change_the_weights(
-    straight: Path, patches_dir: Path, tmp_path: Path
+    straight: Path, patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
 ) -> None:
-    train(_params(patches_dir, tmp_path / "models", **{**EXACT, "num_workers": 0}))
+    train(_params(small_params, patches_dir, tmp_path / "models", **{**EXACT, "num_workers": 0}))
     for name in ("checkpoints/last.ckpt", "model.ckpt"):
         _assert_identical(_weights(tmp_path / "models" / name), _weights(straight / name))
 
@@ -157,10 +159,10 @@ def test_epoch_shards_yield_the_distributed_order_with_the_epoch(patches_dir: Pa
 
 
 @pytest.fixture(scope="module")
-def finished(store: Path, patches_dir: Path) -> Path:
+def finished(store: Path, patches_dir: Path, small_params: Callable[..., Params]) -> Path:
     """A finished one-epoch run (the copies that tests resume are made with `_copy`)."""
     models = store / "finished"
-    train(_params(patches_dir, models))
+    train(_params(small_params, patches_dir, models))
     return models
 
 
@@ -195,6 +197,7 @@ def test_resume_with_other_params_or_data_starts_a_new_run_and_says_why(
     store: Path,
     finished: Path,
     patches_dir: Path,
+    small_params: Callable[..., Params],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -202,7 +205,9 @@ def test_resume_with_other_params_or_data_starts_a_new_run_and_says_why(
     old_run = _run_id(models)
     old = _client(store).get_run(old_run)
     patches = _changed_patches(patches_dir, tmp_path / "patches") if "patches" in change else patches_dir
-    params = _params(patches, models, resume=True, **{k: v for k, v in change.items() if k in ("seed", "lr")})
+    params = _params(
+        small_params, patches, models, resume=True, **{k: v for k, v in change.items() if k in ("seed", "lr")}
+    )
     if "encoder" in change:
         params = params.model_copy(update={"model": params.model.model_copy(update=change)})
     capsys.readouterr()
@@ -231,14 +236,18 @@ def test_resume_with_other_params_or_data_starts_a_new_run_and_says_why(
 
 @pytest.mark.slow
 def test_resume_of_a_checkpoint_without_fingerprint_starts_a_new_run(
-    finished: Path, patches_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    finished: Path,
+    patches_dir: Path,
+    small_params: Callable[..., Params],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     models = _copy(finished, tmp_path / "models")
     (models / "checkpoints" / FINGERPRINT).unlink()  # a checkpoint of an older version of the project
     old_run = _run_id(models)
     capsys.readouterr()
 
-    train(_params(patches_dir, models, resume=True))
+    train(_params(small_params, patches_dir, models, resume=True))
 
     (line,) = _resume_lines(capsys.readouterr().err)
     assert "has no fingerprint.json beside it" in line and line.endswith("starting a new run")
@@ -248,7 +257,12 @@ def test_resume_of_a_checkpoint_without_fingerprint_starts_a_new_run(
 
 @pytest.mark.slow
 def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_run(
-    store: Path, finished: Path, patches_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store: Path,
+    finished: Path,
+    patches_dir: Path,
+    small_params: Callable[..., Params],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     models = _copy(finished, tmp_path / "models")
     old_run = _run_id(models)
@@ -256,7 +270,7 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_run(
     before = _weights(last)
     capsys.readouterr()
 
-    train(_params(patches_dir, models, resume=True))
+    train(_params(small_params, patches_dir, models, resume=True))
 
     (line,) = _resume_lines(capsys.readouterr().err)
     assert line == (

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from archive_builders import assert_no_output, band_names
 
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES, UnknownColourError, colours_to_index
 from aerialseg.config import DataConfig
@@ -37,24 +38,6 @@ SIZE = 128
 
 def vaihingen_areas(raw_dir: Path) -> list[int]:
     return [int(tile_id) for tile_id in find_tiles(raw_dir, VAIHINGEN)]
-
-
-def read_band_names(path: Path) -> tuple[str | None, ...]:
-    with rasterio.open(path) as src:
-        return tuple(src.descriptions)
-
-
-def assert_no_output(out_dir: Path) -> None:
-    """Neither the output folder nor a temporary sibling of it is left behind."""
-    assert not out_dir.exists()
-    leftovers = list(out_dir.parent.iterdir()) if out_dir.parent.exists() else []
-    assert leftovers == []
-
-
-@pytest.fixture
-def out_dir(tmp_path: Path) -> Path:
-    # A folder of its own, so that any temporary sibling would be seen.
-    return tmp_path / "out" / "tiles"
 
 
 # --------------------------------------------------------------------------------------
@@ -108,7 +91,7 @@ def test_image_bands(synthetic_raw: Path, synthetic_tiles: Path, area: int) -> N
     dsm, _ = read_raster(raw["dsm"])
     assert image.dtype == np.float32
     assert image.shape == (4, SIZE, SIZE)
-    assert read_band_names(synthetic_tiles / f"area{area}_image.tif") == ("ir", "r", "g", "dsm")
+    assert band_names(synthetic_tiles / f"area{area}_image.tif") == ("ir", "r", "g", "dsm")
     # IR, R, G: reflectance in [0, 1], in the order of the orthophoto.
     spectral = image[:3]
     assert spectral.min() >= 0.0 and spectral.max() <= 1.0
@@ -170,7 +153,7 @@ def test_band_selection_and_order(synthetic_raw: Path, synthetic_tiles: Path, tm
     image, _ = read_raster(tmp_path / "tiles" / "area2_image.tif")
     full, _ = read_raster(synthetic_tiles / "area2_image.tif")
     assert image.shape == (2, SIZE, SIZE)
-    assert read_band_names(tmp_path / "tiles" / "area2_image.tif") == ("dsm", "g")
+    assert band_names(tmp_path / "tiles" / "area2_image.tif") == ("dsm", "g")
     np.testing.assert_array_equal(image[0], full[3])
     np.testing.assert_array_equal(image[1], full[2])
 

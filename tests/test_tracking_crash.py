@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -58,23 +59,25 @@ class RaiseInEpoch(L.Callback):
 
 
 def test_a_run_whose_training_raises_ends_failed(
-    store: MlflowClient, patches_dir: Path, tmp_path: Path
+    store: MlflowClient, patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
     with pytest.raises(Crash):
-        train(_params(patches_dir, models), callbacks=[RaiseInEpoch(Crash("mid-epoch"))])
+        train(_params(small_params, patches_dir, models), callbacks=[RaiseInEpoch(Crash("mid-epoch"))])
     run = store.get_run(_started_run(models))
     assert run.info.status == "FAILED"
     assert run.data.tags[OWNER_PID_TAG] and run.data.tags[OWNER_HOST_TAG] == socket.gethostname()
 
 
-def test_an_interrupted_run_ends_killed(store: MlflowClient, patches_dir: Path, tmp_path: Path) -> None:
+def test_an_interrupted_run_ends_killed(
+    store: MlflowClient, patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
+) -> None:
     models = tmp_path / "models"
     sigint = signal.getsignal(signal.SIGINT)
     try:
         # Lightning turns Ctrl-C into sys.exit(1), after ignoring further SIGINTs.
         with pytest.raises(SystemExit):
-            train(_params(patches_dir, models), callbacks=[RaiseInEpoch(KeyboardInterrupt())])
+            train(_params(small_params, patches_dir, models), callbacks=[RaiseInEpoch(KeyboardInterrupt())])
     finally:
         signal.signal(signal.SIGINT, sigint)
     assert store.get_run(_started_run(models)).info.status == "KILLED"
@@ -85,7 +88,7 @@ def _planted(client: MlflowClient, experiment_id: str, **tags: str) -> str:
 
 
 def test_the_next_train_marks_killed_the_running_runs_whose_process_is_gone(
-    store: MlflowClient, patches_dir: Path, tmp_path: Path
+    store: MlflowClient, patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
 ) -> None:
     experiment_id = store.create_experiment(EXPERIMENT)
     gone = subprocess.Popen(["true"])
@@ -114,7 +117,7 @@ def test_the_next_train_marks_killed_the_running_runs_whose_process_is_gone(
         pending = store.create_logged_model(experiment_id, name="model", source_run_id=dead).model_id
         pending_alive = store.create_logged_model(experiment_id, name="model", source_run_id=living).model_id
 
-        train(_params(patches_dir, tmp_path / "models"))
+        train(_params(small_params, patches_dir, tmp_path / "models"))
 
         status = {run_id: store.get_run(run_id).info.status for run_id in (dead, living, elsewhere, untagged)}
         assert status == {dead: "KILLED", living: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
@@ -128,11 +131,11 @@ def test_the_next_train_marks_killed_the_running_runs_whose_process_is_gone(
 
 
 def test_a_resumed_run_adds_up_the_training_time_of_its_parts(
-    store: MlflowClient, patches_dir: Path, tmp_path: Path
+    store: MlflowClient, patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
     with pytest.raises(Crash):
-        train(_params(patches_dir, models, epochs=2), callbacks=[CrashAtEpoch(1)])
+        train(_params(small_params, patches_dir, models, epochs=2), callbacks=[CrashAtEpoch(1)])
     run_id = _started_run(models)
     crashed = store.get_run(run_id)
     assert crashed.info.status == "FAILED"
@@ -140,7 +143,7 @@ def test_a_resumed_run_adds_up_the_training_time_of_its_parts(
     assert first > 0
 
     started = time.perf_counter()
-    resumed = train(_params(patches_dir, models, epochs=2, resume=True))
+    resumed = train(_params(small_params, patches_dir, models, epochs=2, resume=True))
     wall = time.perf_counter() - started
 
     run = store.get_run(run_id)
@@ -166,28 +169,27 @@ def test_the_alias_moves_to_the_version_of_the_evaluated_run(store: MlflowClient
 
 
 def test_a_run_finishes_with_its_model_and_the_alias_waits_for_evaluate(
-    patches_dir: Path, synthetic_tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    patches_dir: Path,
+    small_params: Callable[..., Params],
+    synthetic_tiles: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The real `log_model` (20-30 s): the run is FINISHED only with the model logged."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_STAGE", raising=False)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    base = _params(patches_dir, tmp_path / "models")
-    params = Params.model_validate(
+    params = small_params(
+        tmp_path,
         {
-            **base.model_dump(mode="json"),
-            "paths": {
-                **base.model_dump(mode="json")["paths"],
-                "tiles": str(synthetic_tiles),
-                "reports": str(tmp_path / "reports"),
-            },
-            "tracking": {
-                "experiment": EXPERIMENT,
-                "registered_model": "aerialseg-test",
-                "alias": "candidate",
-            },
-        }
+            "paths.patches": patches_dir,
+            "paths.tiles": synthetic_tiles,
+            "paths.reports": tmp_path / "reports",
+            "tracking.experiment": EXPERIMENT,
+            "tracking.registered_model": "aerialseg-test",
+            "tracking.alias": "candidate",
+        },
     )
 
     train(params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -15,35 +16,21 @@ from aerialseg.devices import resolve_training_precision
 from aerialseg.training import train
 
 
-def _params(patches_dir: Path, models: Path, precision: str) -> Params:
-    return Params.model_validate(
-        {
-            "paths": {"patches": str(patches_dir), "models": str(models)},
-            "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size_px": 64},
-            "model": {"encoder": "resnet18"},
-            "train": {
-                "epochs": 2,
-                "batch_size": 4,
-                "num_workers": 0,
-                "limit_train_batches": 2,
-                "precision": precision,
-                "accelerator": "cpu",
-            },
-            "tracking": {"experiment": "unit"},
-        }
-    )
-
-
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_train_writes_checkpoint_history_and_one_mlflow_run(
-    patches_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+    patches_dir: Path,
+    small_params: Callable[..., Params],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    precision: str,
 ) -> None:
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = _params(patches_dir, tmp_path / "models", precision)
+    params = small_params(
+        tmp_path, {"paths.patches": patches_dir, "train.epochs": 2, "train.precision": precision}
+    )
 
     metrics = train(params)
 

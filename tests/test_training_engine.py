@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,26 +216,19 @@ def quick(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("aerialseg.training.log_model", lambda *args, **kwargs: None)
 
 
-def _params(patches_dir: Path, models: Path, **train_cfg: Any) -> Params:
-    return Params.model_validate(
+def _params(small_params: Callable[..., Params], patches_dir: Path, models: Path, **train: Any) -> Params:
+    """`small_params`, deterministic with seed 3 in experiment "engine", writing to `models`; `train`
+    changes train.* keys. test_resume and test_tracking_crash train with these too."""
+    return small_params(
+        models.parent,
         {
-            "paths": {"patches": str(patches_dir), "models": str(models)},
-            "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size_px": 64},
-            "model": {"encoder": "resnet18"},
-            "train": {
-                "epochs": 1,
-                "batch_size": 4,
-                "num_workers": 0,
-                "limit_train_batches": 2,
-                "precision": "32",
-                "accelerator": "cpu",
-                "deterministic": True,
-                "seed": 3,
-                **train_cfg,
-            },
-            "tracking": {"experiment": "engine"},
-        }
+            "paths.patches": patches_dir,
+            "paths.models": models,
+            "train.deterministic": True,
+            "train.seed": 3,
+            "tracking.experiment": "engine",
+            **{f"train.{key}": value for key, value in train.items()},
+        },
     )
 
 
@@ -250,9 +244,11 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 @pytest.mark.usefixtures("quick")
-def test_two_deterministic_runs_give_identical_weights(patches_dir: Path, tmp_path: Path) -> None:
-    train(_params(patches_dir, tmp_path / "a"))
-    train(_params(patches_dir, tmp_path / "b"))
+def test_two_deterministic_runs_give_identical_weights(
+    patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
+) -> None:
+    train(_params(small_params, patches_dir, tmp_path / "a"))
+    train(_params(small_params, patches_dir, tmp_path / "b"))
 
     _assert_identical(_weights(tmp_path / "a" / "model.ckpt"), _weights(tmp_path / "b" / "model.ckpt"))
     _assert_identical(
@@ -260,7 +256,7 @@ def test_two_deterministic_runs_give_identical_weights(patches_dir: Path, tmp_pa
         _weights(tmp_path / "b" / "checkpoints" / "last.ckpt"),
     )
     # ... and the same seed is what makes them equal: another seed moves the weights.
-    train(_params(patches_dir, tmp_path / "c", seed=4))
+    train(_params(small_params, patches_dir, tmp_path / "c", seed=4))
     a, c = _weights(tmp_path / "a" / "model.ckpt"), _weights(tmp_path / "c" / "model.ckpt")
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
@@ -281,17 +277,19 @@ class CrashAtEpoch(L.Callback):
 
 
 @pytest.mark.usefixtures("quick")
-def test_resume_continues_the_run_and_matches_an_uninterrupted_one(patches_dir: Path, tmp_path: Path) -> None:
+def test_resume_continues_the_run_and_matches_an_uninterrupted_one(
+    patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
+) -> None:
     from mlflow import MlflowClient
 
     models = tmp_path / "resumed"
     with pytest.raises(Crash):
-        train(_params(patches_dir, models, epochs=2), callbacks=[CrashAtEpoch(1)])
+        train(_params(small_params, patches_dir, models, epochs=2), callbacks=[CrashAtEpoch(1)])
     assert (models / "checkpoints" / "last.ckpt").exists() and not (models / "model.ckpt").exists()
     crashed_run = json.loads((models / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
 
-    resumed = train(_params(patches_dir, models, epochs=2, resume=True))
-    train(_params(patches_dir, tmp_path / "straight", epochs=2))
+    resumed = train(_params(small_params, patches_dir, models, epochs=2, resume=True))
+    train(_params(small_params, patches_dir, tmp_path / "straight", epochs=2))
 
     assert resumed["epoch"] == 1.0
     assert list(pd.read_csv(models / "history.csv")["epoch"]) == [0, 1]
@@ -309,14 +307,14 @@ def test_resume_continues_the_run_and_matches_an_uninterrupted_one(patches_dir: 
 
 @pytest.mark.usefixtures("quick")
 def test_a_fresh_run_ignores_old_checkpoints_and_starts_a_new_mlflow_run(
-    patches_dir: Path, tmp_path: Path
+    patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
-    train(_params(patches_dir, models))
+    train(_params(small_params, patches_dir, models))
     first = json.loads((models / "mlflow_run.json").read_text())["run_id"]
     (models / "checkpoints" / "stale.ckpt").write_text("left by an earlier run")
 
-    train(_params(patches_dir, models, resume=False))
+    train(_params(small_params, patches_dir, models, resume=False))
 
     assert json.loads((models / "mlflow_run.json").read_text())["run_id"] != first
     assert sorted(p.name for p in (models / "checkpoints").iterdir()) == [

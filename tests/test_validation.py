@@ -3,6 +3,7 @@ window and blending, scored once per pixel against the eroded reference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,29 +21,16 @@ from aerialseg.training import train
 
 @pytest.mark.parametrize("overlap", [0.5, 0.75])
 def test_val_figures_are_evaluates_figures_on_the_whole_val_tiles(
-    patches_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: float
+    patches_dir: Path,
+    small_params: Callable[..., Params],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overlap: float,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr("aerialseg.training.log_model", lambda *args, **kwargs: None)
-    params = Params.model_validate(
-        {
-            "paths": {"patches": str(patches_dir), "models": str(tmp_path / "models")},
-            "data": {"val_tiles": [3], "test_tiles": [4]},
-            "patches": {"size_px": 64},
-            "model": {"encoder": "resnet18"},
-            "train": {
-                "epochs": 1,
-                "batch_size": 4,
-                "num_workers": 0,
-                "limit_train_batches": 2,
-                "precision": "32",
-                "accelerator": "cpu",
-            },
-            "evaluate": {"overlap": overlap},
-            "tracking": {"experiment": "validation"},
-        }
-    )
+    params = small_params(tmp_path, {"paths.patches": patches_dir, "evaluate.overlap": overlap})
     train(params)
 
     # The published model (epoch 0, the only one), predicted as `evaluate` predicts a test tile.
