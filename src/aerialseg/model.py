@@ -3,8 +3,8 @@ encoder weights.
 
 `ARCHITECTURES` names every network `model.arch` can choose (segmentation_models_pytorch 0.6's
 twelve plus the lecture's `fcn_skip`), each with the input sizes it takes, the encoders that fit
-it and whether it exports to ONNX; `build_model(model_args(...))` builds any of them. torch and smp are
-imported where a network is built or a file read: the configuration reads the registry's keys.
+it and whether it exports to ONNX; `build_model(model_args(...))` builds any of them. torch and
+smp are imported where a network is built or a file read: the configuration reads the keys alone.
 """
 
 from __future__ import annotations
@@ -48,7 +48,11 @@ def model_args(arch: str, encoder: str, in_channels: int, num_classes: int) -> d
 
 
 def build_model(args: dict[str, Any], weights: str = "none") -> nn.Module:
-    """Build the network from `model_args(...)`; `weights` is none, imagenet or a local file."""
+    """Build the network from `model_args(...)`; `weights` is none, imagenet or a local file.
+    An unknown architecture or encoder, or one that does not fit the other, is a ValueError."""
+    problem = encoder_problem(args["arch"], args["encoder_name"])  # before any download
+    if problem:
+        raise ValueError(f"model.encoder: {problem}")
     if weights == "none":
         return _create(args, encoder_weights=None)
     if weights == "imagenet":
@@ -60,9 +64,6 @@ def build_model(args: dict[str, Any], weights: str = "none") -> nn.Module:
 def _create(args: dict[str, Any], encoder_weights: str | None) -> nn.Module:
     """The one factory: the registry's entry for `args["arch"]` builds the network."""
     entry = ARCHITECTURES.choose(args["arch"])
-    problem = encoder_problem(args["arch"], args["encoder_name"])
-    if problem:
-        raise ValueError(f"model.encoder: {problem}")
     return entry.build(args["encoder_name"], args["in_channels"], args["classes"], encoder_weights)
 
 
