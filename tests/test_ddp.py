@@ -97,8 +97,8 @@ def test_two_process_cpu_ddp_training(
     assert list(history["val_pixels"]) == [expected_pixels]
     assert runs[0].data.metrics["val_pixels"] == expected_pixels
     # One self-describing checkpoint and one set of Lightning checkpoints.
-    _, meta = load_checkpoint(models / "model.ckpt")
-    assert meta["metrics"]["val_pixels"] == expected_pixels
+    _, card = load_checkpoint(models / "model.ckpt")
+    assert card.metrics["val_pixels"] == expected_pixels
     assert sorted(p.name for p in models.iterdir()) == [
         "checkpoints",
         "history.csv",

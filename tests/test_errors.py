@@ -35,6 +35,7 @@ from aerialseg.classes import CLASSES
 from aerialseg.cli import app
 from aerialseg.config import Params
 from aerialseg.model import build_model, model_args
+from aerialseg.model_card import ModelCard
 from aerialseg.patches import BandStats
 from aerialseg.raster import GeoReference, write_raster
 
@@ -311,9 +312,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = model_args("fcn_skip", "resnet18", len(BANDS), len(CLASSES))
     path = tmp_path_factory.mktemp("models") / "model.ckpt"
     stats = BandStats((0.4, 0.3, 0.3, 2.0), (0.2, 0.2, 0.2, 3.0))
-    save_checkpoint(
-        path, build_model(args), args, bands=BANDS, stats=stats, patch_size=64, config={}, metrics={}
-    )
+    card = ModelCard.for_training(args, bands=BANDS, mean=stats.mean, std=stats.std, window=64)
+    save_checkpoint(path, build_model(args), card)
     return path
 
 

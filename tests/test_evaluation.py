@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from affine import Affine
 from rasterio.crs import CRS
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
@@ -25,6 +26,7 @@ from aerialseg.evaluation import (
     lecture_comparison,
     write_lecture_comparison,
 )
+from aerialseg.model_card import ModelCard
 from aerialseg.published import LECTURE, LECTURE_TILES, lecture_overall_accuracy_text, lecture_setting
 from aerialseg.raster import GeoReference, write_raster
 from aerialseg.tracking import RunRef
@@ -79,25 +81,26 @@ def _write_tiles(tiles: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndar
     return truth
 
 
+class FirstBandClasses(torch.nn.Module):
+    """A network whose logits pick, per pixel, the class in the image's first band: it runs through
+    the real engine (windows, blending, TTA), and every window agrees with every other."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        classes = x[:, 0].round().long().clamp(0, NUM_CLASSES - 1)
+        return 10.0 * torch.nn.functional.one_hot(classes, NUM_CLASSES).permute(0, 3, 1, 2).float()
+
+
 def _fake_model(monkeypatch: pytest.MonkeyPatch, trained: dict[str, Any]) -> None:
     """A checkpoint whose model predicts, per pixel, the class in the image's first band."""
-    meta = {
-        "bands": BANDS,
-        "band_mean": [0.0] * len(BANDS),
-        "band_std": [1.0] * len(BANDS),
-        "patch_size": 32,
-        "config": trained,
-    }
+    args = {"arch": "fpn", "encoder_name": "resnet18", "in_channels": len(BANDS), "classes": NUM_CLASSES}
+    card = ModelCard.for_training(
+        args, bands=BANDS, mean=[0.0] * len(BANDS), std=[1.0] * len(BANDS), window=32, config=trained
+    )
 
-    def load_checkpoint(path: Path, device: str) -> tuple[None, dict[str, Any]]:
-        return None, meta
-
-    def predict_probabilities(model: None, image: np.ndarray, **kwargs: Any) -> np.ndarray:
-        classes = np.rint(image[0]).astype(np.int64)
-        return np.eye(NUM_CLASSES, dtype=np.float32)[classes].transpose(2, 0, 1)
+    def load_checkpoint(path: Path, device: str) -> tuple[torch.nn.Module, ModelCard]:
+        return FirstBandClasses(), card
 
     monkeypatch.setattr(evaluation, "load_checkpoint", load_checkpoint)
-    monkeypatch.setattr(evaluation, "predict_probabilities", predict_probabilities)
 
 
 @pytest.fixture

@@ -150,6 +150,7 @@ def test_real_crop_through_tiles_and_evaluate(
     from aerialseg.checkpoint import save_checkpoint
     from aerialseg.evaluation import evaluate
     from aerialseg.model import build_model, model_args
+    from aerialseg.model_card import ModelCard
     from aerialseg.patches import BandStats
     from aerialseg.tracking import RunRef
 
@@ -178,16 +179,8 @@ def test_real_crop_through_tiles_and_evaluate(
     torch.manual_seed(0)
     args = model_args("fcn_skip", "resnet18", in_channels=3, num_classes=6)
     stats = BandStats((0.3, 0.3, 0.3), (0.2, 0.2, 0.2))
-    save_checkpoint(
-        Path("models/model.ckpt"),
-        build_model(args),
-        args,
-        bands=["ir", "r", "g"],
-        stats=stats,
-        patch_size=128,
-        config={},
-        metrics={},
-    )
+    card = ModelCard.for_training(args, bands=["ir", "r", "g"], mean=stats.mean, std=stats.std, window=128)
+    save_checkpoint(Path("models/model.ckpt"), build_model(args), card)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.set_experiment("crop")
     with mlflow.start_run() as run:

@@ -40,12 +40,12 @@ def test_train_writes_checkpoint_history_and_one_mlflow_run(
     assert list(history["epoch"]) == [0, 1]
     assert {"train_loss", "val_loss", "val_overall_accuracy", "val_mean_f1", "val_miou"} <= set(history)
 
-    model, meta = load_checkpoint(tmp_path / "models" / "model.ckpt")
+    model, card = load_checkpoint(tmp_path / "models" / "model.ckpt")
     # model.ckpt holds the best epoch by val_mean_f1 (the first, on a tie); Lightning's own
     # checkpoints (for train.resume) sit beside it.
     best_epoch = history["epoch"][history["val_mean_f1"].idxmax()]
-    assert meta["metrics"]["epoch"] == best_epoch
-    assert meta["metrics"]["val_mean_f1"] == pytest.approx(history["val_mean_f1"].max())
+    assert card.metrics["epoch"] == best_epoch
+    assert card.metrics["val_mean_f1"] == pytest.approx(history["val_mean_f1"].max())
     checkpoints = tmp_path / "models" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "best.ckpt",
@@ -53,8 +53,8 @@ def test_train_writes_checkpoint_history_and_one_mlflow_run(
         "last.ckpt",
         "mlflow_run.json",
     ]
-    assert meta["bands"] == ["ir", "r", "g", "dsm"] and meta["patch_size"] == 64
-    assert meta["config"]["train"]["precision"] == precision
+    assert card.bands == ("ir", "r", "g", "dsm") and card.window == 64
+    assert card.config["train"]["precision"] == precision
     with torch.no_grad():
         out = model(torch.zeros(1, 4, 64, 64))
     assert out.shape == (1, 6, 64, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -73,7 +73,7 @@ def test_train_writes_checkpoint_history_and_one_mlflow_run(
     logged = runs[0].data.metrics
     assert logged["selected_epoch"] == best_epoch
     for key in ("overall_accuracy", "kappa", "mean_f1", "miou", "mean_f1_5", "miou_5"):
-        assert logged[f"selected_val_{key}"] == pytest.approx(meta["metrics"][f"val_{key}"])
+        assert logged[f"selected_val_{key}"] == pytest.approx(card.metrics[f"val_{key}"])
 
 
 def test_auto_precision_is_fp32_on_cpus_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:

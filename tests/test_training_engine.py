@@ -17,9 +17,10 @@ from pydantic import ValidationError
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import Params, TrainConfig
+from aerialseg.inference import Settings
 from aerialseg.losses import class_counts, inverse_frequency_weights, patch_file_class_weights
 from aerialseg.model import model_args
-from aerialseg.training import OPTIMIZERS, SegmentationTask, Validation, train
+from aerialseg.training import OPTIMIZERS, SegmentationTask, train
 
 # ---------------------------------------------------------------- class weights and config
 
@@ -137,7 +138,7 @@ def _fit_one_batch(task: SegmentationTask) -> L.Trainer:
 def _task(**kwargs: Any) -> SegmentationTask:
     torch.manual_seed(0)
     args = model_args("fpn", "resnet18", 4, NUM_CLASSES)
-    return SegmentationTask(args, validation=Validation(window=32, overlap=0.5), **kwargs)
+    return SegmentationTask(args, validation=Settings(window=32, overlap=0.5), **kwargs)
 
 
 def _fit_and_check_weights_moved(task: SegmentationTask) -> L.Trainer:
@@ -323,5 +324,5 @@ def test_a_fresh_run_ignores_old_checkpoints_and_starts_a_new_mlflow_run(
         "last.ckpt",
         "mlflow_run.json",
     ]
-    _, meta = load_checkpoint(models / "model.ckpt")
-    assert meta["metrics"]["epoch"] == 0.0
+    _, card = load_checkpoint(models / "model.ckpt")
+    assert card.metrics["epoch"] == 0.0

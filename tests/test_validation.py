@@ -13,7 +13,7 @@ import pytest
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.classes import IGNORE_INDEX
 from aerialseg.config import Params
-from aerialseg.inference import predict_probabilities
+from aerialseg.inference import Settings, predict_probabilities
 from aerialseg.metrics import confusion_matrix, scores
 from aerialseg.patches import read_tile_file_info, read_validation_tile
 from aerialseg.training import train
@@ -34,11 +34,9 @@ def test_val_figures_are_evaluates_figures_on_the_whole_val_tiles(
     train(params)
 
     # The published model (epoch 0, the only one), predicted as `evaluate` predicts a test tile.
-    model, meta = load_checkpoint(tmp_path / "models" / "model.ckpt")
-    mean = np.asarray(meta["band_mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(meta["band_std"], dtype=np.float32)[:, None, None]
+    model, card = load_checkpoint(tmp_path / "models" / "model.ckpt")
     image, reference = read_validation_tile(read_tile_file_info(patches_dir / "val.h5"), "area3")
-    probs = predict_probabilities(model, (image - mean) / std, window=64, overlap=overlap)
+    probs = predict_probabilities(model, card.normalise(image), Settings(window=64, overlap=overlap))
     expected = scores(confusion_matrix(probs.argmax(axis=0), reference))
 
     history = pd.read_csv(tmp_path / "models" / "history.csv")

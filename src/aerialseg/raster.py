@@ -83,11 +83,15 @@ def gdal_detail(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def pixel_read_error(where: object, err: BaseException, advice: str = DOWNLOAD_AGAIN) -> RasterError:
+def pixel_read_error(
+    where: object, err: BaseException, advice: str = DOWNLOAD_AGAIN, part: str = ""
+) -> RasterError:
     """The one-line error for a raster whose header opened but whose pixels cannot be read
-    (an interrupted download or copy); `where` is the path, or `archive!member`."""
+    (an interrupted download or copy); `where` is the path, or `archive!member`; `part` says which
+    pixels (`rows 0-512 of 6000`, `band 1, decimated`)."""
+    part = f"{part}; " if part else ""
     return RasterError(
-        f"{where}: pixel data cannot be read (truncated or corrupt file? {gdal_detail(err)}); {advice}"
+        f"{where}: pixel data cannot be read ({part}truncated or corrupt file? {gdal_detail(err)}); {advice}"
     )
 
 

@@ -156,7 +156,7 @@ def _sample(src: DatasetReader, band: int, alpha: int | None, expected: str) -> 
         if alpha is not None:
             keep &= src.read(alpha, out_shape=shape, resampling=Resampling.nearest) > 0
     except RasterioError as err:
-        raise _read_error(f"{src.name} (band {band}, decimated)", err, expected) from err
+        raise _read_error(src.name, f"band {band}, decimated", err, expected) from err
     values = np.asarray(sample.data)[keep]
     return values[np.isfinite(values)]
 
@@ -206,8 +206,9 @@ class RasterSource:
                 opaque = self.src.read(self.alpha, window=window) > 0
                 valid = opaque if valid is None else valid & opaque
         except RasterioError as err:
-            where = f"{self.src.name} (rows {top}-{bottom} of {self.height})"
-            raise _read_error(where, err, self.expected) from err
+            raise _read_error(
+                self.src.name, f"rows {top}-{bottom} of {self.height}", err, self.expected
+            ) from err
         if self.floating:
             finite = np.isfinite(data).all(axis=0)
             if not finite.all():
@@ -248,13 +249,13 @@ def _to_tile_units(
             except ValueError as err:
                 raise InputError(f"{err}; expected heights in metres") from err
             except RasterioError as err:
-                raise _read_error(f"{src.name} (band {index}, decimated)", err) from err
+                raise _read_error(src.name, f"band {index}, decimated", err) from err
         elif band == "ndsm":
             grey_ndsm.append(i)
     return scale, offset, grey_ndsm
 
 
-def _read_error(where: str, err: RasterioError, expected: str | None = None) -> InputError:
+def _read_error(where: str, part: str, err: RasterioError, expected: str | None = None) -> InputError:
     """The one line for pixels that cannot be read (raster.pixel_read_error's wording)."""
     advice = READ_AGAIN if expected is None else f"{READ_AGAIN}; expected {expected}"
-    return InputError(str(pixel_read_error(where, err, advice)))
+    return InputError(str(pixel_read_error(where, err, advice, part)))
