@@ -90,6 +90,10 @@ def patches_per_second(loader: DataLoader[Any], epochs: int = EPOCHS) -> float:
 
 
 def main() -> None:
+    # One intra-op thread here, as in each loader worker (torch sets that): copying a batch is
+    # single-threaded work, and OpenMP threads waiting on a shared 2-core machine made the
+    # in-process figures swing fivefold between runs.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tiles_dir = default_tiles(root)
@@ -119,6 +123,7 @@ def main() -> None:
         info = read_patch_info(loader_file)
         val_info = read_tile_file_info(summary.val_path)
 
+        load_before = os.getloadavg()[0]
         rates: dict[int, float] = {}
         for workers in (0, 1, 2):
             cfg = TrainConfig(batch_size=BATCH, num_workers=workers, augment=True)
@@ -126,15 +131,14 @@ def main() -> None:
             rates[workers] = patches_per_second(loader)
             del loader  # stops its workers
 
-        # The same compact arrays from memory: no HDF5, no augmentation.
-        with h5py.File(loader_file, "r") as h5:
-            arrays = [torch.from_numpy(h5[name][:]) for name in ("image", "height", "mask")]
-        memory = patches_per_second(DataLoader(TensorDataset(*arrays), batch_size=BATCH, shuffle=True))
-        # The ceiling that worker processes put on any dataset here: handing the batches from two
-        # workers to the training process, measured on the in-memory arrays.
+        # The same patches from memory, as packed rows (what a batch of the loader holds): no
+        # HDF5, no augmentation. Through 2 workers: the ceiling that handing batches from worker
+        # processes to the training process puts on any dataset here.
+        packed = PatchDataset(loader_file)[list(range(info.length))]["packed"]
+        memory = patches_per_second(DataLoader(TensorDataset(packed), batch_size=BATCH, shuffle=True))
         memory_workers = patches_per_second(
             DataLoader(
-                TensorDataset(*arrays), batch_size=BATCH, shuffle=True, num_workers=2, persistent_workers=True
+                TensorDataset(packed), batch_size=BATCH, shuffle=True, num_workers=2, persistent_workers=True
             )
         )
 
@@ -158,6 +162,12 @@ def main() -> None:
                 "goal": ">= 2000 (issue 11)",
                 "patch": f"{SIZE} px, {len(BANDS)} bands, batch {BATCH}, D4 in the workers",
             },
+            "load_average": {
+                "value": round(max(load_before, os.getloadavg()[0]), 2),
+                "unit": "runnable processes (1 min, the larger of before and after the loader runs)",
+                "cores": os.cpu_count(),
+                "why": "other processes on the cores slow every figure here",
+            },
             "hdf5_augmented_1_worker_patches_per_s": {"value": round(rates[1], 1), "unit": "patches/s"},
             "hdf5_augmented_0_workers_patches_per_s": {
                 "value": round(rates[0], 1),
@@ -168,13 +178,13 @@ def main() -> None:
             "in_memory_2_workers_patches_per_s": {
                 "value": round(memory_workers, 1),
                 "unit": "patches/s",
-                "baseline": "the same arrays through 2 worker processes: the transfer ceiling",
+                "baseline": "the same packed rows through 2 worker processes: the transfer ceiling",
             },
-            "ratio": {"value": round(rates[2] / memory, 3), "unit": "x", "baseline": "in-memory arrays"},
+            "ratio": {"value": round(rates[2] / memory, 3), "unit": "x", "baseline": "in-memory packed rows"},
             "decode_on_device_patches_per_s": {
                 "value": round(decode_rate, 1),
                 "unit": "patches/s",
-                "device": "cpu",
+                "device": "cpu, 1 thread",
                 "what": "data.Decode: compact batch -> normalised float32",
             },
             "handed_over_bytes_per_patch": {
