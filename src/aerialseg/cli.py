@@ -11,6 +11,7 @@ import typer
 from aerialseg import presets
 from aerialseg.config import ConfigError
 from aerialseg.leaderboard import leaderboard_command
+from aerialseg.team_server import server_app
 
 app = typer.Typer(help="Semantic segmentation of ISPRS aerial imagery: helpers around the DVC pipeline.")
 
@@ -208,3 +209,4 @@ def export(
 
 
 app.command("leaderboard")(leaderboard_command)
+app.add_typer(server_app, name="server")

@@ -38,7 +38,7 @@ from aerialseg.names import (
     val,
 )
 from aerialseg.published import LECTURE_TAG, LECTURE_TILES, lecture_overall_accuracy_text
-from aerialseg.tracking import tracking_uri
+from aerialseg.tracking import TrackingStoreError, check_tracking_store, tracking_uri
 
 DEFAULT_EXPERIMENT = "aerialseg"
 BENCHMARK_SOURCES = ("vaihingen", "potsdam")
@@ -156,6 +156,7 @@ def load_runs(experiment: str, uri: str | None = None) -> list[Any]:
     """
     from mlflow import MlflowClient
 
+    check_tracking_store(uri or tracking_uri())  # a server that is down: one line now, not retries
     client = MlflowClient(uri or tracking_uri())
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -574,7 +575,7 @@ def leaderboard_command(
         # Decided on every run, before --top: the shown rows do not change the headline.
         key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
         chosen_classes = Classes(str(headline_classes(table, classes)))
-    except (LookupError, ValueError) as err:
+    except (LookupError, ValueError, TrackingStoreError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if top is not None:

@@ -69,10 +69,11 @@ def _load_mlflow(uri: str, device: str | torch.device) -> tuple[nn.Module, Any]:
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    from aerialseg.tracking import tracking_uri
+    from aerialseg.tracking import check_tracking_store, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     try:
+        check_tracking_store()  # a server that is down: one line within seconds, not retries
         meta = mlflow.models.get_model_info(uri).metadata
         model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
     except (MlflowException, OSError) as err:
