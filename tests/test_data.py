@@ -218,6 +218,25 @@ def test_decode_puts_the_bands_back_in_the_file_order() -> None:
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
 
 
+def test_a_file_of_heights_only_packs_and_decodes(tmp_path: Path) -> None:
+    """No spectral band (data.bands: [dsm]): no `image` dataset, 0 channels in the batch."""
+    heights = (np.arange(2 * 64 * 64, dtype=np.float32).reshape(1, 128, 64) % 500) * 0.07
+    georef = area_georeference(1, 128)
+    write_raster(tmp_path / "a_image.tif", heights, georef, band_names=["dsm"])
+    write_raster(tmp_path / "a_label.tif", np.zeros((1, 128, 64), np.uint8), georef)
+    tiles = pd.DataFrame([{"tile": "a", "image": "a_image.tif", "label": "a_label.tif"}])
+    stats = band_statistics([tmp_path / "a_image.tif"])
+    out = tmp_path / "train.h5"
+    write_patches(tiles, tmp_path, out, size=SIZE, overlap=0.0, stats=stats, bands=["dsm"])
+    with h5py.File(out, "r") as h5:
+        assert set(h5) == {"height", "mask", "tile", "offset"}
+    dataset = PatchDataset(out)
+    assert dataset[0]["image"].shape == (0, SIZE, SIZE)
+    image, _ = Decode.from_info(read_patch_info(out))(dataset[[0, 1]])
+    expected = (heights.reshape(1, 2, SIZE, SIZE).transpose(1, 0, 2, 3) - stats.mean[0]) / stats.std[0]
+    np.testing.assert_allclose(image.numpy(), expected, rtol=0, atol=0.005 / stats.std[0] + 1e-5)
+
+
 def test_validation_tiles_are_normalised_float32_tiles(patches_dir: Path) -> None:
     tiles = ValidationTiles(patches_dir / "val.h5")
     item = tiles[0]
