@@ -40,6 +40,7 @@ from aerialseg.files import atomic_path
 from aerialseg.inference import Settings, count_windows, stream_blocks
 from aerialseg.metrics import confusion_matrix, scores
 from aerialseg.model_card import ModelCard
+from aerialseg.names import EVALUATE_TAG_PREFIX, EVALUATION_ARTIFACTS, test
 from aerialseg.progress import progress_bar
 from aerialseg.published import (
     LECTURE,
@@ -414,18 +415,18 @@ def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     test_<tile>_overall_accuracy (eroded) and test_<tile>_overall_accuracy_full (full reference:
     the figure that compares with the lecture for areas 15 and 23)."""
     logged = {
-        f"test_{k}": float(v)
+        test(k): float(v)
         for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and k != "pixels"
     }
     for name, cls in metrics["per_class"].items():
         logged.update(
-            {f"test_{key}_{name}": float(v) for key, v in cls.items() if v is not None and key != "support"}
+            {test(key, name): float(v) for key, v in cls.items() if v is not None and key != "support"}
         )
     for tile, figures in metrics["tiles"].items():
         for key in ("overall_accuracy", "overall_accuracy_full"):
             if figures.get(key) is not None:
-                logged[f"test_{tile}_{key}"] = float(figures[key])
+                logged[test(tile, key)] = float(figures[key])
     return logged
 
 
@@ -438,7 +439,7 @@ def _log_to_mlflow(
         mlflow.log_metrics(mlflow_metrics(metrics))
         # Tags, not params: an `evaluate`-only rerun (say, a new evaluate.overlap) reopens the same
         # run, and MLflow forbids changing a logged param.
-        mlflow.set_tags({f"evaluate.{k}": v for k, v in params.evaluate.model_dump().items()})
+        mlflow.set_tags({EVALUATE_TAG_PREFIX + k: v for k, v in params.evaluate.model_dump().items()})
         if not comparison.empty:
             # Which of the lecture's trainings this run compares with (the leaderboard reads it).
             mlflow.set_tag(LECTURE_TAG, str(comparison["compared_with"].iloc[0]) or "neither")
@@ -447,9 +448,9 @@ def _log_to_mlflow(
         reports = ("metrics.json", "scores.json", "per_class.csv", "confusion_matrix.csv")
         for name in (*reports, *LECTURE_COMPARISON, *FIGURES):
             if (out / name).exists():
-                mlflow.log_artifact(str(out / name), artifact_path="evaluation")
+                mlflow.log_artifact(str(out / name), artifact_path=EVALUATION_ARTIFACTS)
         for folder in ("predictions", "overlays"):
-            mlflow.log_artifacts(str(out / folder), artifact_path=f"evaluation/{folder}")
+            mlflow.log_artifacts(str(out / folder), artifact_path=f"{EVALUATION_ARTIFACTS}/{folder}")
         # Only now, with the test figures logged: the alias never names a model that failed or
         # was not evaluated (train registers the version, it does not move the alias).
         if params.tracking.registered_model:
