@@ -4,6 +4,10 @@
 - `val.h5`: the validation tiles whole, with their eroded reference (`write_validation_tiles`),
   so that validation predicts them with the sliding window of `evaluate` and counts each
   pixel once, as the test protocol does, instead of scoring overlapping patches.
+
+Both are compact (FORMAT_VERSION 2): each band in the smallest type that holds the `tiles`
+stage's values exactly or to half a step (BandCoding), compressed losslessly (COMPRESSION), and
+described in the attributes; `data.Decode` makes normalised floats of them on the training device.
 """
 
 from __future__ import annotations
@@ -65,10 +69,14 @@ FORMAT_VERSION = 2
 format before the compact one) and are refused with one line saying to rerun the stage."""
 
 COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
-"""Lossless, and the fastest to read of those measured on the default pipeline's patches (256 px,
-random order, page cache warm; `benchmarks/bench_patches.py` records bytes and read speed): Blosc
-LZ4 with byte shuffle 0.244 of the float32 bytes at the speed of no filter; Blosc Zstd 0.205 but
-4x the read time, gzip 0.198 at 14x, LZF 0.239 at 8x, uncompressed 0.353."""
+"""Lossless, and the fastest to read of the filters measured (patches read in random order, page
+cache warm). Default pipeline (256 px, 4 bands): Blosc LZ4 with byte shuffle 0.244 of the float32
+bytes at the read speed of no filter; Blosc Zstd 0.205 at 4x the read time, gzip 0.198 at 14x,
+LZF 0.239 at 8x, none 0.353. Potsdam size (`benchmarks/bench_patches.py`: 512 px, 5 bands):
+LZ4 0.239 at 1.9x none's read time, Zstd 0.213 at 7.8x, gzip 0.202 at 23x, LZF 0.242 at 15x,
+none 0.381. The synthetic orthophotos' noise leaves the uint8 bands incompressible to LZ4: the
+gain is the heights (~0.5) and labels (~0.08). LZ4HC reads as fast and stores 0.232 (0.224 with
+bit shuffle for heights) but writes ~20x slower."""
 COMPRESSION_NAME = "blosc lz4 level 5, byte shuffle (hdf5plugin; `import hdf5plugin` before h5py reads it)"
 
 STORED_DATASETS = ("image", "height")
