@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev repro test test-fast test-slurm lint format lock bench clean ci-reference
+.PHONY: help install install-dev repro test test-fast test-slurm test-server lint format lock bench clean ci-reference
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +40,19 @@ test-fast: install-dev ## the test suite without the slow end-to-end tests
 
 test-slurm: install-dev ## only the one-node Slurm test (installs slurm-wlm + munge when root and missing)
 	pytest -m slurm
+
+test-server: install-dev ## only the team tracking server test (installs postgresql when root and missing)
+	pytest -m team_server
+
+# A DVC remote on a file system every node mounts (what clusters have); .dvc/config then names it
+# for everyone who pulls the commit. `shared group`: pushed files are group-writable, for a team.
+.PHONY: remote
+remote: install ## add the default DVC remote `shared`: make remote DVC_REMOTE=/project/aerialseg/dvc-store; then dvc push / dvc pull --allow-missing
+	@test -n "$(DVC_REMOTE)" || { echo "error: DVC_REMOTE is not set; expected a folder on a shared file system, e.g. make remote DVC_REMOTE=/project/aerialseg/dvc-store" >&2; exit 2; }
+	mkdir -p "$(abspath $(DVC_REMOTE))"
+	dvc remote add --default --force shared "$(abspath $(DVC_REMOTE))"
+	dvc remote modify shared shared group
+	@echo "DVC remote 'shared' = $(abspath $(DVC_REMOTE)) (.dvc/config: commit it); dvc push, and in a clone dvc pull --allow-missing"
 
 lint: install-dev ## ruff (lint + format check), mypy and hadolint (the Dockerfile)
 	ruff check .
