@@ -87,6 +87,10 @@ bench: install ## measure training, loading and inference speed -> reports/bench
 	cd benchmarks && for b in bench_*.py; do BENCH_RESULTS=../reports/bench.json python $$b || exit 1; done
 	cd benchmarks && BENCH_RESULTS=../reports/bench.json python report.py
 
+.PHONY: rehearsal
+rehearsal: install ## full-size rehearsal (~30 min, not in `make test`): official-size archives -> tiles, patches, train, evaluate -> reports/rehearsal.json/.md
+	python benchmarks/rehearsal.py $(REHEARSAL_ARGS)
+
 .PHONY: gallery
 gallery: install ## docs/gallery/*.png for the README, from the last pipeline run's reports (run make repro first)
 	python -m aerialseg.reports
