@@ -182,10 +182,13 @@ class Run:
     generate_args: list[str]
     tiles: int
     pixels: int
+    largest_tile_px: int
     train: bool
     stages: list[Stage] = field(default_factory=list)
     split: dict[str, list[str]] = field(default_factory=dict)
     padded: dict[str, list[int]] = field(default_factory=dict)
+    tile_mib: float = 0.0
+    """The largest tile as the pipeline holds it: data.bands x its pixels in float32."""
 
     @property
     def ok(self) -> bool:
@@ -238,6 +241,8 @@ def execute(run: Run, workdir: Path, args: argparse.Namespace) -> None:
     preset = [python, "-c", "from aerialseg.cli import app; app()", "preset", PRESETS[run.dataset]]
     subprocess.run(preset, cwd=project, env=env, check=True, capture_output=True)
     update_params(project, params_for(run, raw, args))
+    bands = yaml.safe_load((project / "params.yaml").read_text())["data"]["bands"]
+    run.tile_mib = round(run.largest_tile_px * len(bands) * 4 / 2**20, 1)
     steps += [(stage, [python, f"pipeline/{stage}.py"]) for stage in ("tiles", "patches")]
     if run.train:
         steps += [(stage, [python, f"pipeline/{stage}.py"]) for stage in ("train", "evaluate")]
@@ -288,6 +293,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 [*common, *extra],
                 len(shapes),
                 sum(h * w for h, w in shapes.values()),
+                max(h * w for h, w in shapes.values()),
                 args.train_on == "vaihingen",
             )
         )
@@ -303,6 +309,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
                     [*common, "--count", str(count)],
                     count,
                     count * h * w,
+                    h * w,
                     args.train_on == "potsdam" and count == counts[-1],
                 )
             )
@@ -339,17 +346,21 @@ def markdown(report: dict[str, Any]) -> str:
         f"(other processes shared the cores: times are upper bounds). Scale {s['scale']}; "
         f"train: {s['train_steps']} steps of {s['batch_size']}, evaluate.overlap "
         f"{s['eval_overlap'] if s['eval_overlap'] is not None else 'as preset'}, evaluate.tta "
-        f"{s['eval_tta'] or 'as preset'}; {report['started']}, {report['minutes']} min in all.",
+        f"{s['eval_tta'] or 'as preset'}; {report['started']}, {report['minutes']} min in all. "
+        "x tile: the peak over the run's largest tile in float32 (data.bands x its pixels x 4 bytes).",
         "",
-        "| run | tiles | Mpx | stage | wall s | peak RSS MiB, 1 process | peak RSS MiB, tree | written MiB |",
+        "| run | tiles | Mpx | stage | wall s | peak RSS MiB, 1 process (x tile) | peak RSS MiB, tree "
+        "| written MiB |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for run in report["runs"]:
+        tile = max(run["tile_mib"], 1e-3)
         for stage in run["stages"]:
             failed = "" if stage["returncode"] == 0 else f" (failed: exit {stage['returncode']})"
             lines.append(
                 f"| {run['name']} | {run['tiles']} | {run['pixels'] / 1e6:.1f} | {stage['name']}{failed} | "
-                f"{stage['wall_s']} | {stage['peak_rss_mib']:.0f} | {stage['peak_tree_rss_mib']:.0f} | "
+                f"{stage['wall_s']} | {stage['peak_rss_mib']:.0f} ({stage['peak_rss_mib'] / tile:.1f}) | "
+                f"{stage['peak_tree_rss_mib']:.0f} | "
                 f"{stage['written_mib']:.0f} |"
             )
     return "\n".join(lines) + "\n"
@@ -424,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": r.dataset,
             "tiles": r.tiles,
             "pixels": r.pixels,
+            "tile_mib": r.tile_mib,
             "split": r.split,
             "heights_padded": r.padded,
             "ok": r.ok,
