@@ -239,7 +239,9 @@ def execute(run: Run, workdir: Path, args: argparse.Namespace) -> None:
         ),
     ]
     preset = [python, "-c", "from aerialseg.cli import app; app()", "preset", PRESETS[run.dataset]]
-    subprocess.run(preset, cwd=project, env=env, check=True, capture_output=True)
+    applied = subprocess.run(preset, cwd=project, env=env, capture_output=True, text=True)
+    if applied.returncode != 0:
+        raise SystemExit(f"rehearsal: {' '.join(preset[3:])} failed in {project}: {applied.stderr.strip()}")
     update_params(project, params_for(run, raw, args))
     bands = yaml.safe_load((project / "params.yaml").read_text())["data"]["bands"]
     run.tile_mib = round(run.largest_tile_px * len(bands) * 4 / 2**20, 1)
