@@ -19,6 +19,7 @@ from aerialseg.datasets.errors import DatasetLayoutError
 from aerialseg.datasets.isprs import assign_splits
 from aerialseg.datasets.isprs_layout import POTSDAM
 from aerialseg.datasets.tiles_table import read_tiles_table
+from aerialseg.inference import BLENDS, TTA
 from aerialseg.losses import LOSSES
 from aerialseg.model import ARCHITECTURES
 from aerialseg.optim import OPTIMIZERS, SCHEDULERS
@@ -51,6 +52,20 @@ def config_error(tmp_path: Path, raw: dict[str, Any], key: str, value: Any) -> s
     with pytest.raises(ConfigError) as info:
         load_with(tmp_path, raw, key, value)
     return str(info.value)
+
+
+def choice_error(tmp_path: Path, raw: dict[str, Any], key: str, value: Any) -> str:
+    """The `params` stage's check of the choices (aerialseg.choices) on `raw` with `key` = `value`."""
+    params = load_with(tmp_path, raw, key, value)
+    with pytest.raises(ConfigError) as info:
+        check_choices(params, source=str(tmp_path / "params.yaml"))
+    return str(info.value)
+
+
+def chosen(tmp_path: Path, raw: dict[str, Any], key: str, value: Any) -> Params:
+    params = load_with(tmp_path, raw, key, value)
+    check_choices(params)
+    return params
 
 
 # --------------------------------------------------------------------------------------
@@ -135,16 +150,16 @@ def test_patch_size_multiple_of_32(tmp_path: Path, project_raw: dict[str, Any], 
 
 
 def test_unknown_optimizer_lists_allowed_values(tmp_path: Path, project_raw: dict[str, Any]) -> None:
-    message = config_error(tmp_path, project_raw, "train.optimizer", "foo")
-    assert message.splitlines()[1] == (
-        "  train.optimizer: 'foo' is not an optimizer; "
+    message = choice_error(tmp_path, project_raw, "train.optimizer", "foo")
+    assert message == (
+        f"{tmp_path / 'params.yaml'}: train.optimizer: 'foo' is not an optimizer; "
         "choose one of: adadelta, adagrad, adam, adamax, adamw, rmsprop, sgd"
     )
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_listed_optimizer_loads(tmp_path: Path, project_raw: dict[str, Any], name: str) -> None:
-    assert load_with(tmp_path, project_raw, "train.optimizer", name).train.optimizer == name
+    assert chosen(tmp_path, project_raw, "train.optimizer", name).train.optimizer == name
 
 
 @pytest.mark.parametrize(
@@ -158,6 +173,16 @@ def test_every_listed_optimizer_loads(tmp_path: Path, project_raw: dict[str, Any
         ),
         ("train.loss", "hinge", "train.loss: 'hinge' is not a loss; choose one of: ce, ce+dice, dice, focal"),
         (
+            "evaluate.tta",
+            "rot",
+            "evaluate.tta: 'rot' is not a test-time augmentation; choose one of: d4, flip, none",
+        ),
+        (
+            "evaluate.blend",
+            "hann",
+            "evaluate.blend: 'hann' is not a window blending; choose one of: cosine, gaussian, uniform",
+        ),
+        (
             "train.scheduler",
             "step",
             "train.scheduler: 'step' is not a scheduler; choose one of: cosine, none, onecycle, plateau",
@@ -167,13 +192,19 @@ def test_every_listed_optimizer_loads(tmp_path: Path, project_raw: dict[str, Any
 def test_a_choice_not_in_its_registry_lists_the_options(
     tmp_path: Path, project_raw: dict[str, Any], key: str, value: str, line: str
 ) -> None:
-    message = config_error(tmp_path, project_raw, key, value)
-    assert message == f"{tmp_path / 'params.yaml'}: invalid parameters\n  {line}"
+    message = choice_error(tmp_path, project_raw, key, value)
+    assert message == f"{tmp_path / 'params.yaml'}: {line}"
 
 
 @pytest.mark.parametrize(
     ("key", "registry"),
-    [("model.arch", ARCHITECTURES), ("train.loss", LOSSES), ("train.scheduler", SCHEDULERS)],
+    [
+        ("model.arch", ARCHITECTURES),
+        ("train.loss", LOSSES),
+        ("train.scheduler", SCHEDULERS),
+        ("evaluate.tta", TTA),
+        ("evaluate.blend", BLENDS),
+    ],
 )
 def test_every_registered_choice_loads(
     tmp_path: Path, project_raw: dict[str, Any], key: str, registry: Registry[Any]
@@ -182,8 +213,10 @@ def test_every_registered_choice_loads(
     raw["patches"]["size_px"] = 128  # pan's smallest input
     raw["train"]["class_weights"] = "none"
     for name in registry:
+        # dpt needs a ViT encoder; every other architecture takes the default ResNet
+        raw["model"]["encoder"] = "tu-vit_tiny_patch16_224" if name == "dpt" else "resnet50"
         section, leaf = key.split(".")
-        assert getattr(getattr(load_with(tmp_path, raw, key, name), section), leaf) == name
+        assert getattr(getattr(chosen(tmp_path, raw, key, name), section), leaf) == name
 
 
 def test_loading_params_imports_neither_torch_nor_smp(tmp_path: Path, project_raw: dict[str, Any]) -> None:
@@ -235,18 +268,18 @@ def test_dpt_needs_a_vit_encoder(tmp_path: Path, project_raw: dict[str, Any]) ->
 def test_patch_size_must_suit_the_architecture(tmp_path: Path, project_raw: dict[str, Any]) -> None:
     raw = copy.deepcopy(project_raw)
     raw["model"]["arch"] = "pan"
-    message = config_error(tmp_path, raw, "patches.size_px", 96)
-    assert message.splitlines()[1] == (
-        "  patches.size_px: input size 96 x 96 is smaller than 128 px on a side; pan: its encoder has "
-        "output stride 16 and its feature pyramid attention pools that 8x further"
+    message = choice_error(tmp_path, raw, "patches.size_px", 96)
+    assert message == (
+        f"{tmp_path / 'params.yaml'}: patches.size_px: input size 96 x 96 is smaller than 128 px on a "
+        "side; pan: its encoder has output stride 16 and its feature pyramid attention pools that 8x further"
     )
-    assert load_with(tmp_path, raw, "patches.size_px", 128).patches.size_px == 128
+    assert chosen(tmp_path, raw, "patches.size_px", 128).patches.size_px == 128
 
 
 def test_class_weights_need_a_loss_with_cross_entropy(tmp_path: Path, project_raw: dict[str, Any]) -> None:
     raw = copy.deepcopy(project_raw)
     raw["train"]["class_weights"] = "inverse_frequency"
-    message = config_error(tmp_path, raw, "train.loss", "focal")
+    message = choice_error(tmp_path, raw, "train.loss", "focal")
     assert "loss 'focal' has none (use ce or ce+dice, or class_weights none)" in message
 
 

@@ -290,6 +290,20 @@ def test_a_misspelt_section_stops_dvc_repro_with_its_name(project: Path) -> None
     assert stages_run(_run(project, "dvc", "repro")) == set()
 
 
+def test_a_choice_not_in_its_registry_stops_dvc_repro_before_any_stage(project: Path) -> None:
+    """The registries are read by the `params` stage (aerialseg.choices), not by config.py, so no
+    data stage depends on the model code; a bad choice still stops `dvc repro` before training."""
+    set_params(project, {"evaluate": {"blend": "hann"}})
+    result = run(project, "dvc", "repro", check=False)
+    assert result.returncode != 0
+    assert (
+        "params: params.yaml: evaluate.blend: 'hann' is not a window blending; "
+        "choose one of: cosine, gaussian, uniform"
+    ) in result.stderr
+    assert not stages_run(result.stdout) - {"params"}
+    run(project, "git", "checkout", "-q", "params.yaml")
+
+
 def test_overlap_change_reruns_patches_train_evaluate_only(project: Path) -> None:
     # (`params`, the check of params.yaml, runs on any change of the file and writes nothing.)
     runs_before = len(mlflow_client(project).search_runs([_experiment_id(project)]))

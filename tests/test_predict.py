@@ -655,5 +655,5 @@ def test_a_choice_not_in_its_registry_is_one_line_naming_the_options(
     source = _write(tmp_path / "scene.tif", _image(64, 64))
     result = _predict(str(source), "-m", str(checkpoint), "-o", str(tmp_path / "out"), "--blend", "hann")
     assert result.exit_code == 1
-    assert "'hann' is not a window blending; choose one of: uniform, cosine, gaussian" in result.output
+    assert "'hann' is not a window blending; choose one of: cosine, gaussian, uniform" in result.output
     assert not (tmp_path / "out").exists()

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 SPECTRAL_BANDS = ("ir", "r", "g", "b")
 """Bands that hold reflectance: photometric augmentation touches these and nothing else."""
@@ -141,25 +140,10 @@ class PatchesConfig(_Section):
         return self
 
 
-CHOICE_ERROR = "choice"
-"""The type of the errors below: a value that is not a key of its registry (the message names the
-key and lists the options, as smp's create_model does)."""
-
-
-def _choice_error(message: str) -> PydanticCustomError:
-    return PydanticCustomError(CHOICE_ERROR, "{message}", {"message": message})
-
-
-def _chosen(key: str, value: str, registry: Any) -> str:
-    """`value` if it is a key of `registry` (an aerialseg.registry.Registry); else the error."""
-    if value not in registry:
-        raise _choice_error(f"{key}: {registry.unknown(value)}")
-    return value
-
-
-# The registries sit beside the code that builds their entries; their modules import torch and smp
-# only to build, so reading their keys here costs no stage that import. The encoder, which only smp
-# can check, is checked with the other choices (aerialseg.choices) and by model.build_model.
+# Choices (model.arch, train.optimizer, .scheduler, .loss, evaluate.tta, .blend) are plain strings
+# here, checked against the registries beside the code that builds them by aerialseg.choices (the
+# `params` stage, and train and evaluate before they start): importing the registries here would make
+# every stage a DVC dependant of the model and training code.
 
 
 class ModelConfig(_Section):
@@ -169,13 +153,6 @@ class ModelConfig(_Section):
     encoder: str = "resnet50"
     """An smp encoder, or a timm model as tu-<name>, that fits the architecture
     (model.encoder_problem, checked by the `params` stage)."""
-
-    @field_validator("arch")
-    @classmethod
-    def _arch_is_registered(cls, value: str) -> str:
-        from aerialseg.model import ARCHITECTURES
-
-        return _chosen("model.arch", value, ARCHITECTURES)
 
 
 class TrainConfig(_Section):
@@ -213,31 +190,9 @@ class TrainConfig(_Section):
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many epochs without a better val_mean_f1; null never stops early."""
 
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer_is_registered(cls, value: str) -> str:
-        from aerialseg.optim import OPTIMIZERS
-
-        return _chosen("train.optimizer", value, OPTIMIZERS)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler_is_registered(cls, value: str) -> str:
-        from aerialseg.optim import SCHEDULERS
-
-        return _chosen("train.scheduler", value, SCHEDULERS)
-
-    @field_validator("loss")
-    @classmethod
-    def _loss_is_registered(cls, value: str) -> str:
-        from aerialseg.losses import LOSSES
-
-        return _chosen("train.loss", value, LOSSES)
-
     @model_validator(mode="after")
     def _check(self) -> Self:
         from aerialseg.classes import NUM_CLASSES
-        from aerialseg.losses import class_weights_problem
 
         if isinstance(self.class_weights, tuple):
             if len(self.class_weights) != NUM_CLASSES:
@@ -247,9 +202,6 @@ class TrainConfig(_Section):
                 )
             if not any(self.class_weights):
                 raise ValueError("train.class_weights: at least one weight must be positive")
-        problem = class_weights_problem(self.loss, self.class_weights)
-        if problem:
-            raise ValueError(problem)
         return self
 
 
@@ -302,16 +254,6 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
-
-    @model_validator(mode="after")
-    def _patches_fit_the_architecture(self) -> Self:
-        from aerialseg.model import check_input_size
-
-        try:
-            check_input_size(self.patches.size_px, self.patches.size_px, self.model.arch)
-        except ValueError as err:
-            raise _choice_error(f"patches.size_px: {err}") from None
-        return self
 
     @property
     def raw_dir(self) -> Path:
@@ -428,9 +370,6 @@ def _describe(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
-        if e["type"] == CHOICE_ERROR:  # the message names its key
-            lines.append(f"  {msg}")
-            continue
         if e["type"] == "extra_forbidden" and key in RENAMED:
             msg = f"renamed to {RENAMED[key]} (DVC's run cache cannot see a param named `size`)"
         elif e["type"] == "extra_forbidden":

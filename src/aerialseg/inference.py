@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from aerialseg.choices import choice
 from aerialseg.devices import resolve_device, resolve_inference_precision
 from aerialseg.model import check_input_size
 from aerialseg.progress import progress_bar
+from aerialseg.registry import Registry
 from aerialseg.windows import window_grid
 
 Tta = Literal["none", "flip", "d4"]
@@ -78,13 +78,9 @@ def _views_d4(x: torch.Tensor) -> Views:
     return views
 
 
-TTA: dict[
-    str, Callable[[torch.Tensor], list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]]
-] = {
-    "none": _views_none,
-    "flip": _views_flip,
-    "d4": _views_d4,
-}
+TTA: Registry[Callable[[torch.Tensor], Views]] = Registry(
+    "a test-time augmentation", {"none": _views_none, "flip": _views_flip, "d4": _views_d4}
+)
 """Test-time augmentation: a batch -> [(view, undo)], `undo` bringing the view's output back."""
 
 
@@ -101,17 +97,15 @@ def _gaussian(size: int) -> np.ndarray:
     return np.maximum(np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2), MIN_WEIGHT).astype(np.float32)
 
 
-BLENDS: dict[str, Callable[[int], np.ndarray]] = {
-    "uniform": _uniform,
-    "cosine": _cosine,
-    "gaussian": _gaussian,
-}
+BLENDS: Registry[Callable[[int], np.ndarray]] = Registry(
+    "a window blending", {"uniform": _uniform, "cosine": _cosine, "gaussian": _gaussian}
+)
 """Blending: window side -> (side,) float32 weights along one axis; a window's are the outer product."""
 
 
 def blend_weights(blend: str, window: int) -> np.ndarray:
     """(window, window) float32 weights of every window pixel."""
-    axis = BLENDS[choice(blend, BLENDS, "window blending")](window)
+    axis = BLENDS.choose(blend)(window)
     return np.outer(axis, axis).astype(np.float32)
 
 
@@ -134,10 +128,10 @@ class Settings:
     """`auto`, `cpu`, `cuda`, `mps`, or a torch device string such as `cuda:1`."""
 
     def check(self) -> Settings:
-        """Raises ValueError (choices.ChoiceError for a choice) naming the first setting not usable."""
+        """Raises ValueError naming the first setting not usable (for a choice: its options)."""
         check_input_size(self.window, self.window)
         window_grid(self.window, self.window, self.window, self.overlap)  # checks the overlap
-        choice(self.tta, TTA, "test-time augmentation")
+        TTA.choose(self.tta)
         blend_weights(self.blend, self.window)
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
