@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -390,6 +391,42 @@ def test_epoch_batches_through_workers_are_the_batches_read_here(patch_file: Pat
         assert batch["packed"].is_shared()
         seen += len(indices)
     assert seen == len(shards)
+
+
+def _ring_loader(patch_file: Path, buffers: int) -> tuple[EpochBatches, DataLoader[Any]]:
+    shards = EpochShards(PatchDataset(patch_file), 1, 0, seed=3)
+    shards.set_epoch(1)
+    batches = EpochBatches(shards, 2)
+    dataset = PatchDataset(patch_file, augment=True, seed=3, buffers=buffers)
+    return batches, DataLoader(dataset, batch_size=None, sampler=batches, num_workers=1, prefetch_factor=1)
+
+
+def test_workers_reuse_a_ring_of_shared_blocks_and_hand_over_the_same_batches(patch_file: Path) -> None:
+    """datamodule.PatchData's loader: each worker writes into a ring of reused blocks (SharedRing);
+    consumed one at a time, as training does, every batch is the one read here."""
+    batches, loader = _ring_loader(patch_file, buffers=3)
+    here = PatchDataset(patch_file, augment=True, seed=3)
+    decode = Decode.from_info(read_patch_info(patch_file))
+    blocks = set()
+    for indices, batch in zip(batches, loader, strict=True):
+        assert torch.equal(batch["packed"], here[indices]["packed"])
+        image, mask = decode(batch)  # checks the block still holds this batch
+        expected_image, expected_mask = decode(here[indices])
+        assert torch.equal(image, expected_image) and torch.equal(mask, expected_mask)
+        blocks.add(batch["packed"].untyped_storage().data_ptr())
+    assert len(blocks) <= 3 + 1  # the ring (+ the shorter last batch's own block)
+    assert len(batches) > 3 + 1  # so blocks were reused
+
+
+def test_a_ring_block_overwritten_while_its_batch_is_held_is_an_error(patch_file: Path) -> None:
+    """Holding more batches than the ring is long (here: all of them) lets the worker write a held
+    batch's block again: decoding it then fails with the reason instead of giving other data."""
+    _, loader = _ring_loader(patch_file, buffers=2)
+    decode = Decode.from_info(read_patch_info(patch_file))
+    held = list(loader)
+    with pytest.raises(RuntimeError, match="overwritten by its loader worker while in use"):
+        decode(held[0])
+    decode(held[-1])  # the newest batch of its block is intact
 
 
 def test_workers_draw_different_augmentations(marked_file: Path) -> None:

@@ -17,6 +17,9 @@ from aerialseg.config import TrainConfig
 from aerialseg.data import PatchDataset, ValidationTiles, derived_seed
 from aerialseg.patches import PatchFileInfo, TileFileInfo
 
+PREFETCH = 2
+"""Batches each loader worker prepares ahead (torch's default prefetch_factor)."""
+
 
 class PatchData(L.LightningDataModule):
     """Train patches and whole val tiles, both sharded over the DDP ranks.
@@ -33,7 +36,13 @@ class PatchData(L.LightningDataModule):
         self.train_info, self.val_info, self.cfg = train, val, cfg
 
     def train_dataloader(self) -> DataLoader[Any]:
-        dataset = PatchDataset(self.train_info.path, augment=self.cfg.augment, seed=self.cfg.seed)
+        # With workers, each writes its batches into a ring of reused shared blocks (SharedRing):
+        # longer than the batches a worker can have in flight (PREFETCH) plus the two Lightning
+        # holds (the current one and the one fetched ahead), with two to spare.
+        buffers = PREFETCH + 4 if self.cfg.num_workers else 0
+        dataset = PatchDataset(
+            self.train_info.path, augment=self.cfg.augment, seed=self.cfg.seed, buffers=buffers
+        )
         shards = EpochShards(dataset, self._world(), self._rank(), seed=self.cfg.seed)
         # Lightning builds the loader's first iterator (and, with workers, draws its first
         # indices) before it calls set_epoch: a resumed run would replay epoch 0's order.
@@ -56,6 +65,7 @@ class PatchData(L.LightningDataModule):
             batch_size=None,
             sampler=batches,  # lists of indices, each read as one batch
             num_workers=workers,
+            prefetch_factor=PREFETCH if workers else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
