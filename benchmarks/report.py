@@ -16,7 +16,12 @@ def main() -> None:
     ]
     for bench, figures in results.items():
         for name, fig in figures.items():
-            lines.append(f"| {bench} | {name} | {fig['value']} | {fig['unit']} | {fig.get('baseline', '')} |")
+            if isinstance(fig, dict) and "value" in fig:
+                lines.append(
+                    f"| {bench} | {name} | {fig['value']} | {fig['unit']} | {fig.get('baseline', '')} |"
+                )
+            else:  # a note: what was measured on, or why a figure was skipped
+                lines.append(f"| {bench} | {name} | {fig} | | |")
     header = ", ".join(f"{k}: {v}" for k, v in machine.items())
     text = f"Machine: {header}\n\n" + "\n".join(lines) + "\n"
     RESULTS.with_suffix(".md").write_text(text)
