@@ -85,6 +85,7 @@ def _aerialseg(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
 CHECK = """
 import sys, time
 import aerialseg.model as m
+import segmentation_models_pytorch, huggingface_hub  # imported by the check itself: not what is timed
 m.HUB_CHECK_TIMEOUT = float(sys.argv[1])
 start = time.monotonic()
 try:
