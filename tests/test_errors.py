@@ -519,6 +519,9 @@ def test_the_probe_passes_an_mlflow_answer_and_bounds_a_silent_server(
     server = ThreadingHTTPServer(("127.0.0.1", 0), _MLflowLike)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("AERIALSEG_TRACKING_TIMEOUT", "1")
+    # check_tracking_store sets MLflow's request timeout to its own when unset, for the stage's
+    # process; set here so that it is undone after the test, not left at 1 s for later tests.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
     try:
         check_tracking_store(f"http://127.0.0.1:{server.server_port}/")
     finally:

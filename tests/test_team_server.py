@@ -143,7 +143,14 @@ def passwords(server: Server) -> dict[str, str]:
     from mlflow.server import get_app_client
 
     created = {user: secrets.token_urlsafe(12) for user in USERS}
-    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": server.admin_password}
+    admin = {
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": server.admin_password,
+        # A test before may have run check_tracking_store with a 1 s timeout in this process, which
+        # sets MLflow's request timeout to it; creating a user (bcrypt) can take longer under load,
+        # and MLflow's retry would then create it twice.
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
+    }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in admin.items():
             patch.setenv(key, value)
@@ -158,6 +165,7 @@ def _admin_client(server: Server, monkeypatch: pytest.MonkeyPatch) -> Any:
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server.admin_password)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")  # see `passwords`
     return MlflowClient(server.url)
 
 

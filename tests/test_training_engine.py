@@ -15,8 +15,9 @@ import torch
 from pydantic import ValidationError
 
 from aerialseg.checkpoint import load_checkpoint
+from aerialseg.choices import check_choices
 from aerialseg.classes import IGNORE_INDEX, NUM_CLASSES
-from aerialseg.config import Params, TrainConfig
+from aerialseg.config import ConfigError, Params, TrainConfig
 from aerialseg.inference import Settings
 from aerialseg.losses import class_counts, inverse_frequency_weights, patch_file_class_weights
 from aerialseg.model import model_args
@@ -63,9 +64,6 @@ def test_inverse_frequency_weights_of_a_patch_file(patches_dir: Path) -> None:
     ("values", "message"),
     [
         ({"class_weights": [1.0, 2.0]}, "expected one per class"),
-        ({"loss": "dice", "class_weights": "inverse_frequency"}, "cross-entropy part"),
-        ({"loss": "hinge"}, "loss"),
-        ({"scheduler": "step"}, "scheduler"),
         ({"strategy": "fsdp"}, "strategy"),
         ({"num_nodes": 0}, "num_nodes"),
         ({"early_stopping_patience": 0}, "early_stopping_patience"),
@@ -74,6 +72,21 @@ def test_inverse_frequency_weights_of_a_patch_file(patches_dir: Path) -> None:
 def test_train_config_rejects_bad_values(values: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         TrainConfig.model_validate(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"loss": "dice", "class_weights": "inverse_frequency"}, "cross-entropy part"),
+        ({"loss": "hinge"}, "train.loss: 'hinge' is not a loss"),
+        ({"scheduler": "step"}, "train.scheduler: 'step' is not a scheduler"),
+    ],
+)
+def test_train_choices_are_checked_against_their_registries(values: dict[str, Any], message: str) -> None:
+    """The params stage's check (aerialseg.choices), which train runs again before it starts."""
+    params = Params.model_validate({"data": {"val_tiles": [3], "test_tiles": [4]}, "train": values})
+    with pytest.raises(ConfigError, match=message):
+        check_choices(params)
 
 
 def test_train_config_defaults_keep_the_previous_behaviour() -> None:
