@@ -102,17 +102,35 @@ def read_raster(path: str | Path, advice: str = RERUN_TILES) -> tuple[np.ndarray
     `advice` (the project's tiles by default: they are the files this function reads).
     """
     path = Path(path)
-    if not path.exists():
-        raise RasterError(f"{path}: file does not exist")
-    try:
-        src = rasterio.open(path)
-    except rasterio.errors.RasterioError as err:
-        raise RasterError(f"{path}: not a readable raster ({gdal_detail(err)})") from err
-    with src:
+    with _open(path) as src:
         try:
             return src.read(), GeoReference.of(src)
         except rasterio.errors.RasterioError as err:
             raise pixel_read_error(path, err, advice) from err
+
+
+def read_row_blocks(
+    path: str | Path, rows: int = 512, advice: str = RERUN_TILES, dtype: str | None = None
+) -> Iterator[np.ndarray]:
+    """All bands, `rows` rows at a time: (bands, rows, W) arrays from the top down (in `dtype`
+    where given), so that a whole large tile is never in memory. Errors as `read_raster`'s."""
+    path = Path(path)
+    with _open(path) as src:
+        for top in range(0, src.height, rows):
+            window = Window(0, top, src.width, min(rows, src.height - top))
+            try:
+                yield src.read(window=window, out_dtype=dtype)
+            except rasterio.errors.RasterioError as err:
+                raise pixel_read_error(path, err, advice, f"rows {top}-{top + window.height}") from err
+
+
+def _open(path: Path) -> DatasetReader:
+    if not path.exists():
+        raise RasterError(f"{path}: file does not exist")
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioError as err:
+        raise RasterError(f"{path}: not a readable raster ({gdal_detail(err)})") from err
 
 
 # --------------------------------------------------------------------------- writing

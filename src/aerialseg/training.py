@@ -48,7 +48,7 @@ from aerialseg.data import Decode, SpectralJitter
 from aerialseg.datamodule import PatchData, RandomStreams
 from aerialseg.devices import resolve_training_precision
 from aerialseg.files import atomic_path
-from aerialseg.inference import Settings, predict_probabilities
+from aerialseg.inference import ArrayRows, Settings, stream_blocks
 from aerialseg.losses import build_loss, patch_file_class_weights
 from aerialseg.metrics import scores
 from aerialseg.model import build_model, check_input_size, model_args
@@ -176,16 +176,19 @@ class SegmentationTask(L.LightningModule):
         """One whole val tile (`data.ValidationTiles`), predicted as `evaluate` predicts a test tile."""
         if batch["tile"] is None:  # this rank's share of the tiles is used up (TileShards)
             return
-        probs = predict_probabilities(self, batch["image"], replace(self.validation, device=str(self.device)))
-        reference = torch.from_numpy(batch["reference"].astype(np.int64))
-        self.val_confusion.update(
-            torch.from_numpy(probs.argmax(axis=0)).to(self.device), reference.to(self.device)
-        )
-        # val_loss: cross-entropy of the blended probabilities on the scored pixels.
-        scored = reference != IGNORE_INDEX
-        if scored.any():
-            p = torch.from_numpy(probs)[:, scored].gather(0, reference[scored][None]).clamp_min(1e-7)
-            self.val_loss.update(-p.log().mean().to(self.device), weight=int(scored.sum()))
+        # Counted block by block as the engine hands the rows over: the tile's probabilities are
+        # never held whole (824 MiB for a 6000 x 6000 Potsdam tile, `make rehearsal`).
+        settings = replace(self.validation, device=str(self.device))
+        for block in stream_blocks(self, ArrayRows(batch["image"]), settings):
+            rows = slice(block.row, block.row + block.probabilities.shape[1])
+            reference = torch.from_numpy(batch["reference"][rows].astype(np.int64))
+            probs = torch.from_numpy(block.probabilities)
+            self.val_confusion.update(probs.argmax(dim=0).to(self.device), reference.to(self.device))
+            # val_loss: cross-entropy of the blended probabilities on the scored pixels.
+            scored = reference != IGNORE_INDEX
+            if scored.any():
+                p = probs[:, scored].gather(0, reference[scored][None]).clamp_min(1e-7)
+                self.val_loss.update(-p.log().mean().to(self.device), weight=int(scored.sum()))
 
     def on_validation_epoch_end(self) -> None:
         # compute() gathers the matrix from every rank: the same values on all of them.
