@@ -121,7 +121,7 @@ def read_row_blocks(
             try:
                 yield src.read(window=window, out_dtype=dtype)
             except rasterio.errors.RasterioError as err:
-                raise pixel_read_error(path, err, advice, f"rows {top}-{top + window.height}") from err
+                raise pixel_read_error(path, err, advice) from err
 
 
 def _open(path: Path) -> DatasetReader:
