@@ -16,8 +16,20 @@ from typing import Any
 
 import yaml
 
+from aerialseg.config import SETTINGS_FILE, split_settings
+
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("pipeline", "src", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "slurm")
+COPIED = (
+    "pipeline",
+    "src",
+    "params.yaml",
+    "settings.yaml",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "slurm",
+)
 # Never copied: caches, build leftovers and job logs of the working tree.
 IGNORED = ("__pycache__", "*.egg-info", "*.out", "*.err")
 TINY: dict[str, dict[str, Any]] = {
@@ -51,11 +63,14 @@ def copy_project(
 
 
 def set_params(project: Path, updates: Mapping[str, Mapping[str, Any]]) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in updates.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    """Update params.yaml, and settings.yaml for the keys that live there (config.NOT_RESULTS)."""
+    results, settings = split_settings(updates)
+    for name, part in (("params.yaml", results), (SETTINGS_FILE, settings)):
+        path = project / name
+        tree = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+        for section, values in part.items():
+            tree.setdefault(section, {}).update(values)
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
 def project_env(project: Path, **extra: str) -> dict[str, str]:

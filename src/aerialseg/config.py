@@ -1,14 +1,17 @@
-"""params.yaml -> frozen, validated configuration objects.
+"""params.yaml (+ settings.yaml beside it) -> frozen, validated configuration objects.
 
 Every section forbids unknown keys, so a typo fails at load with the key's full path
-instead of being silently ignored.
+instead of being silently ignored. What can change a result is in params.yaml (DVC's params
+file); how this checkout runs (loader workers, resume, MLflow names) is in settings.yaml
+(`NOT_RESULTS`); both load into one `Params`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,8 +32,14 @@ Precision = Literal["auto", "32", "bf16-mixed", "16-mixed"]
 
 
 NOT_RESULTS = ("train.num_workers", "train.resume", "tracking")
-"""Params (keys or whole sections) that cannot change a result: no stage names them in dvc.yaml,
-so changing them reruns nothing (tests/test_dvc_yaml.py checks that every other key is named)."""
+"""Keys (or whole sections) that cannot change a result. They live in settings.yaml, not in
+params.yaml: no stage names them in dvc.yaml (tests/test_dvc_yaml.py checks that every other key is
+named), and the `params` check stage depends on the whole of params.yaml (to catch a misspelt
+section), so one of them in params.yaml would make `dvc status` report a change that reruns nothing."""
+
+SETTINGS_FILE = "settings.yaml"
+"""The file of the `NOT_RESULTS` keys, beside params.yaml; optional (defaults without it). Not a
+DVC params file: editing it reruns no stage and leaves `dvc status` clean."""
 
 
 RENAMED = {"patches.size": "patches.size_px", "synthetic.size": "synthetic.size_px"}
@@ -265,8 +274,86 @@ class ConfigError(ValueError):
     """params.yaml is missing, malformed or has a key or value that is not allowed."""
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", settings: str | Path | None = None) -> Params:
+    """Read and validate params.yaml and its settings.yaml (`settings`, default: beside `path`).
+
+    Raises ConfigError with one line per problem, each naming the file and the key: a bad value,
+    an unknown key, a `NOT_RESULTS` key in params.yaml or another key in settings.yaml.
+    """
     path = Path(path)
+    settings_path = Path(settings) if settings is not None else path.with_name(SETTINGS_FILE)
+    raw, text = _read_mapping(path)
+    _check_tile_ids_as_written(path, yaml.compose(text, Loader=yaml.SafeLoader))
+    values, misplaced = split_settings(raw)
+    problems = [
+        f"{path}: {key}: does not change results, so it belongs in {settings_path} (move it there)"
+        for key in _leaves(misplaced)
+    ]
+    extra: dict = {}
+    if settings_path.exists():
+        stray, extra = split_settings(_read_mapping(settings_path)[0])
+        problems += [
+            f"{settings_path}: {key}: not a setting (settings hold only {', '.join(NOT_RESULTS)}); "
+            f"params go in {path}"
+            for key in _leaves(stray)
+        ]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    try:
+        return Params.model_validate(_merged(values, extra))
+    except ValidationError as err:
+        by_file: dict[Path, list[str]] = {}
+        for key, line in _describe(err):
+            by_file.setdefault(settings_path if _is_setting(key) else path, []).append(line)
+        raise ConfigError(
+            "\n".join(f"{file}: invalid parameters\n" + "\n".join(lines) for file, lines in by_file.items())
+        ) from None
+
+
+def split_settings(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A params tree split into (params.yaml's part, settings.yaml's part: the `NOT_RESULTS` keys)."""
+    results: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for section, value in tree.items():
+        if _is_setting(str(section)):
+            settings[section] = value
+        elif isinstance(value, Mapping):
+            inner = {k: v for k, v in value.items() if _is_setting(f"{section}.{k}")}
+            rest = {k: v for k, v in value.items() if k not in inner}
+            if rest or not inner:
+                results[section] = rest
+            if inner:
+                settings[section] = inner
+        else:
+            results[section] = value
+    return results, settings
+
+
+def _is_setting(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in NOT_RESULTS)
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value and not _is_setting(f"{prefix}{key}"):
+            keys += _leaves(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _merged(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for section, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(section), Mapping):
+            merged[section] = {**merged[section], **value}
+        else:
+            merged[section] = value
+    return merged
+
+
+def _read_mapping(path: Path) -> tuple[dict[str, Any], str]:
     try:
         text = path.read_text()
         raw = yaml.safe_load(text)
@@ -276,13 +363,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: cannot be read ({err})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if raw is None and path.name == SETTINGS_FILE:
+        return {}, text  # an empty settings file: every setting at its default
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    _check_tile_ids_as_written(path, yaml.compose(text, Loader=yaml.SafeLoader))
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"{path}: invalid parameters\n{_describe(err)}") from None
+    return raw, text
 
 
 PLAIN_TILE_NUMBER = re.compile(r"(0|[1-9][0-9]*)\Z")
@@ -365,7 +450,8 @@ def _as_written(node: yaml.Node, quote: bool) -> str:
     return f"{node.style}{node.value}{node.style}" if node.style in ("'", '"') else str(node.value)
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError) -> list[tuple[str, str]]:
+    """(dotted key, "  key: what is wrong") per error."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -376,5 +462,5 @@ def _describe(err: ValidationError) -> str:
             msg = "unknown key (check its spelling)"
         elif "input" in e and e["type"] != "missing":
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+        lines.append((key, f"  {key}: {msg}"))
+    return lines
