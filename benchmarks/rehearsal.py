@@ -42,9 +42,11 @@ from typing import Any
 import psutil
 import yaml
 
+from aerialseg.config import SETTINGS_FILE, split_settings
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-COPIED = ("pipeline", "src", "params.yaml", "dvc.yaml", "presets")
+COPIED = ("pipeline", "src", "params.yaml", "settings.yaml", "dvc.yaml", "presets")
 IGNORED = ("__pycache__", "*.egg-info")
 RESULTS = ROOT / "reports" / "rehearsal.json"
 PRESETS = {"vaihingen": "benchmark-vaihingen", "potsdam": "benchmark-potsdam"}
@@ -164,11 +166,13 @@ def stage_env(project: Path) -> dict[str, str]:
 
 
 def update_params(project: Path, updates: dict[str, dict[str, Any]]) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in updates.items():
-        params.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    """Update params.yaml, and settings.yaml for the keys that live there (config.NOT_RESULTS)."""
+    for name, part in zip(("params.yaml", SETTINGS_FILE), split_settings(updates), strict=True):
+        path = project / name
+        tree = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+        for section, values in part.items():
+            tree.setdefault(section, {}).update(values)
+        path.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------

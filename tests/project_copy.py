@@ -66,6 +66,8 @@ def set_params(project: Path, updates: Mapping[str, Mapping[str, Any]]) -> None:
     """Update params.yaml, and settings.yaml for the keys that live there (config.NOT_RESULTS)."""
     results, settings = split_settings(updates)
     for name, part in (("params.yaml", results), (SETTINGS_FILE, settings)):
+        if not part:
+            continue  # the file is left as written (quotes, comments)
         path = project / name
         tree = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
         for section, values in part.items():

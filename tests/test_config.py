@@ -14,7 +14,16 @@ import yaml
 from pydantic import ValidationError
 
 from aerialseg.choices import check_choices
-from aerialseg.config import ConfigError, DataConfig, Params, load_params
+from aerialseg.config import (
+    NOT_RESULTS,
+    SETTINGS_FILE,
+    ConfigError,
+    DataConfig,
+    Params,
+    TrainConfig,
+    load_params,
+    split_settings,
+)
 from aerialseg.datasets.errors import DatasetLayoutError
 from aerialseg.datasets.isprs import assign_splits
 from aerialseg.datasets.isprs_layout import POTSDAM
@@ -90,7 +99,65 @@ def test_project_params_load(project_raw: dict[str, Any]) -> None:
 
 def test_project_params_has_every_section(project_raw: dict[str, Any]) -> None:
     # dvc.yaml tracks params by section; a section left to its defaults would be invisible to DVC.
-    assert set(project_raw) == set(Params.model_fields)
+    # Every section but the one that is all settings (config.NOT_RESULTS, in settings.yaml).
+    assert set(project_raw) == set(Params.model_fields) - set(NOT_RESULTS)
+
+
+def test_project_settings_hold_every_setting_and_nothing_else() -> None:
+    raw = yaml.safe_load(PROJECT_PARAMS.with_name(SETTINGS_FILE).read_text())
+    assert split_settings(raw) == ({}, raw)
+    keys = {f"{section}.{key}" for section, values in raw.items() for key in values}
+    assert {k for k in NOT_RESULTS if "." in k} <= keys
+    assert {k.partition(".")[0] for k in keys} == {n.partition(".")[0] for n in NOT_RESULTS}
+    assert load_params(PROJECT_PARAMS).tracking.experiment == raw["tracking"]["experiment"]
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("train.num_workers", "train.num_workers"),
+        ("train.resume", "train.resume"),
+        ("tracking.alias", "tracking"),
+    ],
+)
+def test_a_setting_in_params_yaml_is_one_line_naming_settings_yaml(
+    tmp_path: Path, project_raw: dict[str, Any], key: str, named: str
+) -> None:
+    message = config_error(tmp_path, project_raw, key, 1)
+    assert message == (
+        f"{tmp_path / 'params.yaml'}: {named}: does not change results, so it belongs in "
+        f"{tmp_path / SETTINGS_FILE} (move it there)"
+    )
+
+
+def test_a_param_in_settings_yaml_is_one_line_naming_params_yaml(
+    tmp_path: Path, project_raw: dict[str, Any]
+) -> None:
+    (tmp_path / SETTINGS_FILE).write_text("train:\n  num_workers: 0\n  epochs: 3\ntrakcing: {}\n")
+    message = config_error(tmp_path, project_raw, "train.seed", 1)
+    assert message.splitlines() == [
+        f"{tmp_path / SETTINGS_FILE}: {key}: not a setting (settings hold only "
+        f"train.num_workers, train.resume, tracking); params go in {tmp_path / 'params.yaml'}"
+        for key in ("train.epochs", "trakcing")
+    ]
+
+
+def test_a_bad_setting_names_settings_yaml(tmp_path: Path, project_raw: dict[str, Any]) -> None:
+    (tmp_path / SETTINGS_FILE).write_text("train:\n  num_workers: -1\ntracking:\n  experimnt: x\n")
+    message = config_error(tmp_path, project_raw, "train.epochs", 0)
+    assert message.splitlines()[0] == f"{tmp_path / 'params.yaml'}: invalid parameters"
+    assert f"{tmp_path / SETTINGS_FILE}: invalid parameters" in message.splitlines()
+    assert "  train.num_workers: Input should be greater than or equal to 0 (got -1)" in message
+    assert "  tracking.experimnt: unknown key (check its spelling)" in message
+
+
+def test_settings_load_with_params_and_default_without_the_file(
+    tmp_path: Path, project_raw: dict[str, Any]
+) -> None:
+    assert load_with(tmp_path, project_raw, "train.seed", 1).train.num_workers == TrainConfig().num_workers
+    (tmp_path / SETTINGS_FILE).write_text("train:\n  num_workers: 5\ntracking:\n  experiment: mine\n")
+    params = load_with(tmp_path, project_raw, "train.seed", 1)
+    assert (params.train.num_workers, params.tracking.experiment, params.train.seed) == (5, "mine", 1)
 
 
 def test_one_changed_value_changes_only_that_value(tmp_path: Path, project_raw: dict[str, Any]) -> None:

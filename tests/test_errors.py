@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from aerialseg.checkpoint import save_checkpoint
 from aerialseg.classes import CLASSES
 from aerialseg.cli import app
-from aerialseg.config import Params
+from aerialseg.config import SETTINGS_FILE, Params, split_settings
 from aerialseg.model import build_model, model_args
 from aerialseg.model_card import ModelCard
 from aerialseg.patches import BandStats
@@ -100,8 +100,10 @@ def error_line(stage: str, stderr: str) -> str:
 
 
 def write_params(project: Path, params: dict[str, Any]) -> Path:
+    """params.yaml and settings.yaml (config.NOT_RESULTS) of `params` in `project`."""
     project.mkdir(parents=True, exist_ok=True)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name, part in zip(("params.yaml", SETTINGS_FILE), split_settings(params), strict=True):
+        (project / name).write_text(yaml.safe_dump(part, sort_keys=False))
     return project
 
 

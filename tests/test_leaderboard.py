@@ -159,7 +159,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _in_tmp(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(f"tracking:\n  experiment: {EXPERIMENT}\n")
+    (tmp_path / "settings.yaml").write_text(f"tracking:\n  experiment: {EXPERIMENT}\n")
     yield
 
 
@@ -355,8 +355,8 @@ def test_unknown_experiment_or_column_is_a_clear_error() -> None:
     assert result.exit_code == 2 and "cannot sort by 'speed'" in result.output
 
 
-def test_experiment_name_comes_from_params(tmp_path: Path) -> None:
-    assert experiment_name(tmp_path / "params.yaml") == EXPERIMENT
+def test_experiment_name_comes_from_settings(tmp_path: Path) -> None:
+    assert experiment_name(tmp_path / "settings.yaml") == EXPERIMENT
     assert experiment_name(tmp_path / "missing.yaml") == "aerialseg"
     (tmp_path / "broken.yaml").write_text("tracking: [\n")
     assert experiment_name(tmp_path / "broken.yaml") == "aerialseg"

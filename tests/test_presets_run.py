@@ -34,7 +34,7 @@ from archive_builders import (
     vaihingen_tiles,
     write_downloads,
 )
-from project_copy import COPIED, copy_project, run, stages_run
+from project_copy import COPIED, copy_project, run, set_params, stages_run
 from ruamel.yaml import YAML
 
 from aerialseg.classes import IGNORE_INDEX
@@ -57,7 +57,6 @@ CPU_OVERRIDES: dict[str, dict[str, Any]] = {
         "limit_train_batches": 1,
         "batch_size": 2,
         "pretrained": "none",  # ImageNet weights cannot be downloaded here
-        "num_workers": 0,
     },
     "evaluate": {"tta": "none"},
 }
@@ -159,6 +158,7 @@ def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     run(project, "aerialseg", "preset", name)
     data_as_applied = _data_section(project / "params.yaml")
     _override(project / "params.yaml", CPU_OVERRIDES)
+    set_params(project, {"train": {"num_workers": 0}})  # settings.yaml
     assert _data_section(project / "params.yaml") == data_as_applied
     result = run(project, "dvc", "repro", timeout=600)
     output = result.stdout + result.stderr

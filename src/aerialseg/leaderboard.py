@@ -25,6 +25,7 @@ import pandas as pd
 import typer
 import yaml
 
+from aerialseg.config import SETTINGS_FILE
 from aerialseg.files import atomic_path
 from aerialseg.names import (
     DVC_EXP_TAG,
@@ -118,9 +119,32 @@ DROP_FIRST = (
 figure ranked by, test OA and mean F1, the lecture's comparison figures and train_s."""
 WRAPPED = {"hardware": 18}
 """Columns that may wrap on the terminal, and the width they may shrink to."""
-RIGHT_ALIGNED = {"#", *VAL_COLUMNS, *TEST_COLUMNS, *LECTURE_COLUMNS, "train_s", "epochs", "overlap"}
+RIGHT_ALIGNED = {"#", *VAL_COLUMNS, *TEST_COLUMNS, *LECTURE_COLUMNS, "train_s", "epochs", "overlap", "lr"}
 NUMERIC = {*METRIC_COLUMNS} - {"train_s", "val_epoch"}
 """Score columns, shown with three decimals."""
+
+
+LECTURE_VIEW_PARAMS = {"optimizer": "train.optimizer", "lr": "train.lr"}
+"""Columns of the lecture view beyond PARAM_COLUMNS: column -> MLflow param."""
+LECTURE_VIEW = ("#", "run", "optimizer", "lr", "overlap", "epochs", "augment")
+"""The lecture view's first columns: the run (a grid point's DVC experiment) and what the lecture's
+competition varies; its figures follow (`lecture_view_columns`)."""
+
+
+LECTURE_VIEW_NOTE = (
+    "The lecture's table (WG, ACCURACY, TRAINING TIME): run = a working group's experiment; "
+    "ACCURACY = test_oa (overall accuracy on the test tiles, eroded reference) with test mean F1 "
+    "beside; TRAINING TIME = train_s (wall clock of `train`, all epochs and their validation, on "
+    "`hardware`): compare times only between runs on the same hardware."
+)
+
+
+class View(StrEnum):
+    """Which columns the table shows."""
+
+    all = "all"
+    lecture = "lecture"
+    """The lecture's competition table: per run what it varied, accuracy and training time, hardware."""
 
 
 class Format(StrEnum):
@@ -137,11 +161,11 @@ class Classes(StrEnum):
     five = "5"
 
 
-def experiment_name(params: Path = Path("params.yaml")) -> str:
-    """`tracking.experiment` from params.yaml when it says, else "aerialseg" (no validation: a
-    half-edited params file must not stop anyone from looking at past runs)."""
+def experiment_name(settings: Path = Path(SETTINGS_FILE)) -> str:
+    """`tracking.experiment` from settings.yaml when it says, else "aerialseg" (no validation: a
+    half-edited settings file must not stop anyone from looking at past runs)."""
     try:
-        raw = yaml.safe_load(params.read_text())
+        raw = yaml.safe_load(settings.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return DEFAULT_EXPERIMENT
     tracking = raw.get("tracking") if isinstance(raw, dict) else None
@@ -315,6 +339,22 @@ def _known_columns() -> set[str]:
     return {"run", "run_id", "started", *PARAM_COLUMNS, *METRIC_COLUMNS, "lecture", "dirty", *TRAILING}
 
 
+def lecture_view_columns(
+    table: pd.DataFrame, sort: str | None = None, classes: Classes | str = Classes.auto
+) -> list[str]:
+    """The header of the lecture's competition table (`View.lecture`): LECTURE_VIEW, the validation
+    figure ranked by, the accuracy (test OA and mean F1, the headline's classes), the lecture's
+    Vaihingen 15/23 figures when a run has them, training time, hardware and status. The table must
+    have the LECTURE_VIEW_PARAMS columns (`leaderboard_command` asks for them)."""
+    key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
+    n = headline_classes(table, classes)
+    scores = [HEADLINE[n][0], "test_oa", "test_mean_f1" if n == 6 else "test_mean_f1_5"]
+    if key in METRIC_COLUMNS and key not in scores and key != "train_s":
+        scores.insert(0 if key.startswith("val_") else 1, key)
+    lecture = [c for c in LECTURE_COLUMNS if table[c].notna().any()]
+    return [*LECTURE_VIEW, *scores, *lecture, "train_s", "hardware", "status"]
+
+
 def notes(table: pd.DataFrame, sort: str | None = None, classes: Classes | str = Classes.auto) -> list[str]:
     """One line each, said under the table: that a test figure selects on the test set, which runs
     are not ranked and why, which figure compares with the lecture, and the classes of the means."""
@@ -355,11 +395,14 @@ def notes(table: pd.DataFrame, sort: str | None = None, classes: Classes | str =
 
 
 def display_rows(
-    table: pd.DataFrame, sort: str | None = None, classes: Classes | str = Classes.auto
+    table: pd.DataFrame,
+    sort: str | None = None,
+    classes: Classes | str = Classes.auto,
+    columns: Sequence[str] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
-    """The header and cells of the terminal and markdown tables (`display_columns`), as text.
-    `#` is the rank by the sort column, blank for runs without a value there."""
-    header = display_columns(table, sort, classes)
+    """The header and cells of the terminal and markdown tables (`columns`, default
+    `display_columns`), as text. `#` is the rank by the sort column, blank for runs without a value there."""
+    header = list(columns) if columns is not None else display_columns(table, sort, classes)
     key = _column(sort, list(table.columns)) if sort else default_sort(table, classes)
     rows = []
     rank = 0
@@ -384,10 +427,11 @@ def to_markdown(
     sort: str | None = None,
     classes: Classes | str = Classes.auto,
     notes: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
 ) -> str:
-    """A GitHub-flavoured markdown table (no tabulate needed); numbers right-aligned; `notes` after
-    it, one paragraph each."""
-    header, rows = display_rows(table, sort, classes)
+    """A GitHub-flavoured markdown table (no tabulate needed) of `columns` (default
+    `display_columns`); numbers right-aligned; `notes` after it, one paragraph each."""
+    header, rows = display_rows(table, sort, classes, columns)
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
@@ -408,12 +452,13 @@ def render_table(
     sort: str | None = None,
     classes: Classes | str = Classes.auto,
     notes: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
 ) -> str:
     """The terminal table as plain text, every column (for --output with the table format), and
     the notes under it."""
     from rich.console import Console
 
-    header, rows = display_rows(table, sort, classes)
+    header, rows = display_rows(table, sort, classes, columns)
     buffer = io.StringIO()
     console = Console(width=_natural_width(header, rows, shrink=False), file=buffer, color_system=None)
     console.print(_rich_table(header, rows, title))
@@ -426,13 +471,14 @@ def print_table(
     sort: str | None = None,
     classes: Classes | str = Classes.auto,
     notes: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
 ) -> None:
     """The table on the terminal, the notes under it; columns of DROP_FIRST are left out, in that
     order, until it fits."""
     from rich.console import Console
 
     console = Console()
-    header, rows = display_rows(table, sort, classes)
+    header, rows = display_rows(table, sort, classes, columns)
     hidden: list[str] = []
     for column in DROP_FIRST:
         if _natural_width(header, rows) <= console.width:
@@ -541,7 +587,7 @@ def leaderboard_command(
         Path | None, typer.Option(help="write to this file (atomically) instead of the terminal")
     ] = None,
     experiment: Annotated[
-        str | None, typer.Option(help="MLflow experiment; default: tracking.experiment in params.yaml")
+        str | None, typer.Option(help="MLflow experiment; default: tracking.experiment in settings.yaml")
     ] = None,
     param: Annotated[
         list[str] | None, typer.Option(help="one more MLflow param as a column, e.g. train.lr (repeatable)")
@@ -550,25 +596,47 @@ def leaderboard_command(
         bool, typer.Option("--evaluated-only", help="leave out runs without test scores")
     ] = False,
     top: Annotated[int | None, typer.Option(min=1, help="only the first N rows")] = None,
-    params: Annotated[Path, typer.Option(help="where tracking.experiment is read from")] = Path(
-        "params.yaml"
+    settings: Annotated[Path, typer.Option(help="where tracking.experiment is read from")] = Path(
+        SETTINGS_FILE
     ),
     uri: Annotated[
         str | None,
         typer.Option("--tracking-uri", help="MLflow store; default MLFLOW_TRACKING_URI or ./mlflow.db"),
     ] = None,
+    view: Annotated[
+        View,
+        typer.Option(
+            help="all: every key column; lecture: the lecture's competition table (what each run "
+            "varied: optimizer, lr, overlap, epochs, augment; accuracy: test OA and mean F1; training "
+            "time; hardware)"
+        ),
+    ] = View.all,
+    grid: Annotated[
+        str | None,
+        typer.Option(help="only the runs of this grid (`aerialseg grid`: experiments named <grid>-<point>)"),
+    ] = None,
 ) -> None:
     """Rank every MLflow run of the experiment by the validation figure that picked its checkpoint,
     with the test figures beside it: key params, validation and test scores, training time,
     hardware, git commit and DVC experiment (runs without the figure ranked by come last)."""
-    name = experiment or experiment_name(params)
+    name = experiment or experiment_name(settings)
+    extra = list(dict.fromkeys(param or ()))
+    if view is View.lecture:
+        extra += [key for key in LECTURE_VIEW_PARAMS.values() if key not in extra]
     try:
         runs = load_runs(name, uri)
+        if grid:
+            runs = [r for r in runs if str(r.data.tags.get(DVC_EXP_TAG, "")).startswith(f"{grid}-")]
+            if not runs:
+                raise LookupError(
+                    f"no run of grid {grid!r} in experiment {name!r} (runs whose DVC experiment, tag "
+                    f"{DVC_EXP_TAG}, is named {grid}-<point>)"
+                )
         table = build_leaderboard(
             runs,
             sort=sort,
             ascending=ascending,
-            extra_params=param or (),
+            extra_params=extra,
             evaluated_only=evaluated_only,
             classes=classes,
         )
@@ -585,17 +653,27 @@ def leaderboard_command(
     kind = "TEST set" if selects_on_test(key) else "validation" if key in VAL_COLUMNS else ""
     title = f"{name}: {len(table)} runs, by {key}" + (f" ({kind})" if kind else "")
     title += " ascending" if ascending else ""
+    columns = None
+    if view is View.lecture:
+        if chosen is not Format.csv:  # CSV keeps every column under its MLflow name
+            table = table.rename(columns={v: k for k, v in LECTURE_VIEW_PARAMS.items()})
+            columns = lecture_view_columns(table, key, chosen_classes)
+            mine = [c for c in extra if c not in LECTURE_VIEW_PARAMS.values()]
+            columns[len(LECTURE_VIEW) : len(LECTURE_VIEW)] = mine
+        where = f"{name}, grid {grid}" if grid else name
+        title = f"{where}: the lecture's competition, " + title.split(": ", 1)[1]
+        said.append(LECTURE_VIEW_NOTE)
     if chosen is Format.csv:
         text = to_csv(table)
         for note in said:  # CSV stays parseable: the notes go to stderr
             typer.echo(note, err=True)
     elif chosen is Format.markdown:
-        text = to_markdown(table, key, chosen_classes, said)
+        text = to_markdown(table, key, chosen_classes, said, columns)
     elif output is None:
-        print_table(table, title, key, chosen_classes, said)
+        print_table(table, title, key, chosen_classes, said, columns)
         return
     else:
-        text = render_table(table, title, key, chosen_classes, said)
+        text = render_table(table, title, key, chosen_classes, said, columns)
     if output is None:
         typer.echo(text, nl=False)
         return

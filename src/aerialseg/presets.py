@@ -1,7 +1,8 @@
 """Named parameter sets (presets/<name>.yaml) merged into params.yaml, comments kept.
 
 A preset lists only the keys it changes; merging keeps every other key, and every comment, of
-the user's params.yaml, and the result is validated before it replaces the file.
+the user's params.yaml (and of settings.yaml, where its `config.NOT_RESULTS` keys go), and the
+result is validated before it replaces the files.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import SingleQuotedScalarString
 
-from aerialseg.config import PLAIN_TILE_NUMBER, TILE_ID_KEYS, ConfigError, load_params
+from aerialseg.config import (
+    PLAIN_TILE_NUMBER,
+    SETTINGS_FILE,
+    TILE_ID_KEYS,
+    ConfigError,
+    load_params,
+    split_settings,
+)
 from aerialseg.files import atomic_path
 
 PRESETS_DIR = Path("presets")
@@ -26,7 +34,8 @@ def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
 
 
 def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir: Path = PRESETS_DIR) -> None:
-    """Merge presets/<name>.yaml into params.yaml; raise ConfigError and leave it alone if invalid."""
+    """Merge presets/<name>.yaml into params.yaml and settings.yaml beside it (its `config.NOT_RESULTS`
+    keys); raise ConfigError and leave both alone if the result is invalid."""
     preset_path = presets_dir / f"{name}.yaml"
     if not preset_path.exists():
         raise ConfigError(f"{preset_path}: no such preset; available: {', '.join(available(presets_dir))}")
@@ -36,16 +45,20 @@ def apply_preset(name: str, params_path: Path = Path("params.yaml"), presets_dir
     yaml.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
+    settings_path = params_path.with_name(SETTINGS_FILE)
     params = yaml.load(params_path.read_text())
+    settings = (yaml.load(settings_path.read_text()) if settings_path.exists() else None) or CommentedMap()
     preset_text = preset_path.read_text()
-    overlay = yaml.load(preset_text)
+    overlay, settings_overlay = split_settings(yaml.load(preset_text))
     _merge(params, overlay, preset_path)
+    _merge(settings, settings_overlay, preset_path)
     _write_tile_ids_as_meant(params, preset_text)
-    text = io.StringIO()
-    yaml.dump(params, text)
-    with atomic_path(params_path) as tmp:
-        tmp.write_text(text.getvalue())
-        load_params(tmp)  # validated before it replaces params.yaml
+    with atomic_path(params_path) as tmp, atomic_path(settings_path) as tmp_settings:
+        for tree, path in ((params, tmp), (settings, tmp_settings)):
+            text = io.StringIO()
+            yaml.dump(tree, text)
+            path.write_text(text.getvalue())
+        load_params(tmp, settings=tmp_settings)  # validated before either replaces its file
 
 
 def _merge(target: CommentedMap, overlay: dict[str, Any], source: Path, prefix: str = "") -> None:
