@@ -10,6 +10,7 @@ import typer
 
 from aerialseg import presets
 from aerialseg.config import ConfigError
+from aerialseg.grid import grid_command, grid_task_command
 from aerialseg.leaderboard import leaderboard_command
 from aerialseg.team_server import server_app
 
@@ -209,4 +210,6 @@ def export(
 
 
 app.command("leaderboard")(leaderboard_command)
+app.command("grid")(grid_command)
+app.command("grid-task", hidden=True)(grid_task_command)  # one array task of `grid --slurm`
 app.add_typer(server_app, name="server")

@@ -1,0 +1,121 @@
+"""`aerialseg grid`: a grid file expanded into checked points, and a 2-point grid run by DVC's local
+queue with 2 workers at once, both runs landing in the project's one SQLite store.
+
+Two experiments at once write one SQLite file (MLflow's store): MLflow waits for SQLite's lock
+(`PRAGMA busy_timeout = 20000` on every session), and `aerialseg grid` creates the store and its
+experiment before the workers start, so they never race through the schema's creation. The slow
+test checks that no run failed or logged "database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from project_copy import ROOT, TINY, copy_project, mlflow_client, run
+
+from aerialseg.grid import GridError, expand
+
+GRID = """\
+name: tiny
+combine: product
+axes:
+  optimizer:
+    - {train.optimizer: sgd, train.lr: 0.01}
+    - {train.optimizer: adam, train.lr: 0.001}
+"""
+PARAMS = {**TINY, "train": {**TINY["train"], "epochs": 1, "limit_train_batches": 1}}
+
+
+def _grid(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_lecture_grid_has_its_list_one_change_at_a_time() -> None:
+    grid = expand(ROOT / "grids" / "lecture.yaml", ROOT / "params.yaml")
+    names = [p.name for p in grid.points]
+    assert names[0] == "lecture-base" and len(names) == len(set(names)) == 15
+    sgd = [p for p in grid.points if "train.optimizer=sgd" in p.overrides]
+    assert sorted(o for p in sgd for o in p.overrides if o.startswith("train.lr=")) == sorted(
+        f"train.lr={lr}" for lr in ("10", "1", "0.1", "0.001", "0.0001")
+    )
+    optimizers = {
+        o.split("=")[1] for p in grid.points for o in p.overrides if o.startswith("train.optimizer=")
+    }
+    assert optimizers == {"sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamax"}
+    assert (
+        "lecture-augment_false" in names and "lecture-overlap_0.3" in names and "lecture-epochs_40" in names
+    )
+    # Each point changes one thing of the base: the base's own values are not run twice.
+    assert any(d.startswith("lecture-optimizer_adam-lr_0.001 ") for d in grid.dropped)
+    base = set(grid.points[0].overrides)
+    assert all(len(set(p.overrides) - base) <= 2 for p in grid.points)
+
+
+def test_extra_overrides_apply_to_every_point_and_duplicates_are_dropped(tmp_path: Path) -> None:
+    text = "name: g\naxes:\n  train.epochs: [1, 2]\n  train.augment: [true, false]\n"
+    grid = expand(_grid(tmp_path, text), ROOT / "params.yaml", ["train.epochs=3"])
+    # base, epochs 1 and 2 (both 3 after --set: the same as the base), augment true and false
+    assert [p.name for p in grid.points] == ["g-base", "g-augment_false"]
+    assert all(p.overrides[-1] == "train.epochs=3" for p in grid.points)
+    assert len(grid.dropped) == 3
+
+
+def test_a_bad_point_stops_the_grid_naming_file_point_and_options(tmp_path: Path) -> None:
+    path = _grid(tmp_path, "name: g\naxes:\n  train.optimizer: [sgd, sgdd]\n")
+    with pytest.raises(GridError) as err:
+        expand(path, ROOT / "params.yaml")
+    message = str(err.value)
+    assert str(path) in message and "(g-optimizer_sgdd)" in message and "train.optimizer" in message
+    assert "adamax" in message  # the registry's options
+    with pytest.raises(GridError, match=r"train.num_workers: does not change results"):
+        expand(_grid(tmp_path, "axes:\n  train.num_workers: [0, 2]\n"), ROOT / "params.yaml")
+    with pytest.raises(GridError, match=r"trian.epochs"):
+        expand(_grid(tmp_path, "axes:\n  trian.epochs: [1]\n"), ROOT / "params.yaml")
+    with pytest.raises(GridError, match=r"unknown key\(s\) axis"):
+        expand(_grid(tmp_path, "axis:\n  train.epochs: [1]\n"), ROOT / "params.yaml")
+
+
+@pytest.mark.slow
+def test_a_grid_runs_two_at_a_time_into_the_projects_store(tmp_path: Path) -> None:
+    project = copy_project(tmp_path / "project", PARAMS)
+    (project / "grid.yaml").write_text(GRID)
+    done = run(project, "aerialseg", "grid", "grid.yaml", "-j", "2", timeout=1200)
+    output = done.stdout + done.stderr
+    assert "database is locked" not in output
+
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("aerialseg")
+    assert experiment is not None and experiment.artifact_location == (project / "mlruns").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags.get("dvc_exp_name") for r in runs) == [
+        "tiny-optimizer_adam-lr_0.001",
+        "tiny-optimizer_sgd-lr_0.01",
+    ]
+    for each in runs:
+        assert each.info.status == "FINISHED", each.info
+        assert "test_overall_accuracy" in each.data.metrics
+    assert {r.data.params["train.optimizer"] for r in runs} == {"sgd", "adam"}
+    # The two ran at the same time: each started before the other ended.
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time
+
+    # Both are DVC experiments of the project, each with its MLflow run's id in its metrics.
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    experiments = {e["name"]: e for rev in shown for e in (rev.get("experiments") or [])}
+    for each in runs:
+        name = each.data.tags["dvc_exp_name"]
+        assert name in experiments, sorted(experiments)
+        assert each.info.run_id in json.dumps(experiments[name])
+
+    board = run(
+        project, "aerialseg", "leaderboard", "--view", "lecture", "--grid", "tiny", "--format", "markdown"
+    )
+    header = board.stdout.splitlines()[0]
+    for column in ("run", "optimizer", "lr", "test_oa", "test_mean_f1", "train_s", "hardware"):
+        assert f" {column} " in header
+    assert "| tiny-optimizer_sgd-lr_0.01 | sgd | 0.01 |" in board.stdout
+    assert "TRAINING TIME = train_s" in board.stdout
