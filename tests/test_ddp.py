@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -111,3 +112,63 @@ def test_two_process_cpu_ddp_training(
         "last.ckpt",
         "mlflow_run.json",
     ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_a_second_node_started_by_hand_neither_logs_nor_writes(
+    patches_dir: Path, small_params: Callable[..., Params], tmp_path: Path
+) -> None:
+    """Multi-node launched by hand (Lightning's own launcher): the same command on two "nodes" (two
+    folders on this machine), `NODE_RANK=1` on the second. Only global rank 0 opens MLflow and
+    touches the models folder; the first process of node 1 is global rank 1, not a second rank 0."""
+    from mlflow import MlflowClient
+
+    port = str(_free_port())
+    nodes = []
+    for node_rank in (0, 1):
+        folder = tmp_path / f"node{node_rank}"
+        folder.mkdir()
+        params = small_params(
+            folder,
+            {
+                "paths.patches": patches_dir,
+                "train.batch_size": 2,
+                "train.devices": 1,
+                "train.num_nodes": 2,
+                "train.strategy": "ddp",
+                "tracking.experiment": "nodes",
+            },
+        )
+        (folder / "params.json").write_text(json.dumps(params.model_dump(mode="json")))
+        (folder / "run_train.py").write_text(SCRIPT)
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK")}
+        env.update(OMP_NUM_THREADS="1", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        nodes.append(
+            subprocess.Popen(
+                [sys.executable, "run_train.py", "params.json"],
+                cwd=folder,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [node.communicate(timeout=400) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-4000:]
+
+    first, second = tmp_path / "node0", tmp_path / "node1"
+    runs = MlflowClient(f"sqlite:///{first / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{first / 'mlflow.db'}").get_experiment_by_name("nodes").experiment_id]
+    )
+    assert len(runs) == 1 and runs[0].data.params["train.world_size"] == "2"
+    assert (first / "models" / "model.ckpt").exists()
+    assert (first / "models" / "checkpoints" / "last.ckpt").exists()
+    # Node 1 wrote nothing: no store, no run reference, no checkpoints, no fingerprint.
+    assert sorted(p.name for p in second.iterdir()) == ["params.json", "run_train.py"]

@@ -8,6 +8,8 @@ is emulated, ~11x slower than float32).
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Literal
 
 import torch
@@ -74,3 +76,35 @@ def resolve_training_precision(precision: str, accelerator: str) -> str:
     if accelerator in ("gpu", "auto") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32"
+
+
+def launch_rank(devices: int | str, accelerator: str = "auto") -> int:
+    """This process's global rank, from its launcher's environment, before Lightning's trainer exists.
+
+    The same cluster environments as Lightning, in its order (`_AcceleratorConnector`): torchrun
+    (`RANK`), Slurm's srun (`SLURM_PROCID`), LSF; else Lightning's own launcher, where a node
+    started by hand says `NODE_RANK` (or `GROUP_RANK`) and Lightning starts `devices` processes on
+    it with `LOCAL_RANK` 1.. (the first has none): global rank = node rank x devices + local rank.
+    Lightning's `rank_zero_only.rank` reads only `RANK`/`LOCAL_RANK`/`SLURM_PROCID` at import, so the
+    first process of the node with `NODE_RANK=1` would take itself for global rank 0 and open the
+    MLflow run and the checkpoints beside the real rank 0.
+    """
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    for environment in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment):
+        with warnings.catch_warnings():  # "srun is available but not used": the trainer says it once
+            warnings.simplefilter("ignore")
+            detected = environment.detect()
+        if detected:
+            return environment().global_rank()
+    env = os.environ
+    node_rank = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")))
+    if node_rank == 0:
+        return int(env.get("LOCAL_RANK", "0"))
+    if devices == "auto":  # Lightning's count: every GPU where there are GPUs, else one process
+        devices = torch.cuda.device_count() if accelerator != "cpu" and torch.cuda.is_available() else 1
+    return node_rank * int(devices) + int(env.get("LOCAL_RANK", "0"))

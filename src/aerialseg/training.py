@@ -46,7 +46,7 @@ from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from aerialseg.config import NOT_RESULTS, Params, TrainConfig
 from aerialseg.data import Decode, SpectralJitter
 from aerialseg.datamodule import PatchData, RandomStreams
-from aerialseg.devices import resolve_training_precision
+from aerialseg.devices import launch_rank, resolve_training_precision
 from aerialseg.files import atomic_path
 from aerialseg.inference import ArrayRows, Settings, stream_blocks
 from aerialseg.losses import build_loss, patch_file_class_weights
@@ -289,7 +289,10 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     """
     check_tracking_store()  # a remote store that cannot be used fails now, within its timeout
     check_choices(params)  # validation uses evaluate.tta and evaluate.blend
+    registered = registered_model_name(params.tracking.registered_model, params)  # a bad name fails now
     cfg = params.train
+    # Who is global rank 0 (the one that writes files and talks to MLflow), before the trainer says.
+    rank_zero_only.rank = launch_rank(cfg.devices, cfg.accelerator)
     L.seed_everything(cfg.seed, workers=True)
     train_info = read_patch_info(params.paths.patches / "train.h5")
     val_info = read_tile_file_info(params.paths.patches / "val.h5")
