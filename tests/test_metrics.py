@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from aerialseg import metrics
 from aerialseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from aerialseg.metrics import confusion_matrix, mean_over, scores
 
@@ -34,6 +35,18 @@ def test_confusion_matrix_matches_sklearn(seed: int) -> None:
     assert cm.dtype == np.int64
     assert cm.shape == (NUM_CLASSES, NUM_CLASSES)
     np.testing.assert_array_equal(cm, skm.confusion_matrix(t, p, labels=LABELS))
+
+
+def test_confusion_matrix_counted_in_chunks_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    pred, target = _random_labels(3)
+    whole = confusion_matrix(pred, target)
+    monkeypatch.setattr(metrics, "COUNT_CHUNK", 7)  # chunks that split rows, and a short last one
+    np.testing.assert_array_equal(confusion_matrix(pred, target), whole)
+    bad = pred.copy()
+    bad.flat[-1] = NUM_CLASSES  # in the last chunk only
+    target.flat[-1] = 0
+    with pytest.raises(ValueError, match="prediction"):
+        confusion_matrix(bad, target)
 
 
 def test_confusion_matrix_any_shape_and_ignored_predictions() -> None:
