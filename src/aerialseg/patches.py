@@ -13,6 +13,7 @@ described in the attributes; `data.Decode` makes normalised floats of them on th
 from __future__ import annotations
 
 import json
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -490,9 +491,20 @@ def open_h5(path: Path) -> Iterator[h5py.File]:
             yield h5
         except OSError as err:
             raise h5_read_error(path, err) from err
+        except RuntimeError as err:
+            # h5py raises RuntimeError for a damaged group structure ("Object visitation failed
+            # (wrong B-tree signature)"); a RuntimeError of other code passes through.
+            if not _raised_by_h5py(err):
+                raise
+            raise h5_read_error(path, err) from err
 
 
-def h5_read_error(path: Path, err: OSError, what: str = "data") -> PatchFileError:
+def _raised_by_h5py(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and "h5py" in Path(frames[-1].filename).parts  # h5py/h5o.pyx, .../h5py/_hl/...
+
+
+def h5_read_error(path: Path, err: Exception, what: str = "data") -> PatchFileError:
     """A chunk of an HDF5 file that opened cannot be read (a corrupt or partly overwritten file)."""
     return PatchFileError(
         f"{path}: {what} cannot be read (corrupt or truncated file? {_first_line(err)}); {RERUN_PATCHES}"

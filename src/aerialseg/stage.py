@@ -23,11 +23,14 @@ Every `pipeline/*.py` script runs its `main()` through `run_stage`:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +39,7 @@ from types import FrameType
 
 import yaml
 
+from aerialseg.files import clean_leftovers, temp_name
 from aerialseg.processes import proc_stat, start_time
 
 TRACEBACK_ENV = "AERIALSEG_TRACEBACK"
@@ -78,6 +82,7 @@ def run_stage(main: Callable[[], None]) -> None:
     stage = Path(sys.argv[0]).stem
     _handle_sigterm()
     _watch_parent(stage)
+    clean_project_leftovers()
     try:
         before = _params_digest()
         main()
@@ -98,10 +103,51 @@ def run_stage(main: Callable[[], None]) -> None:
             raise
         ours = ValueError | OSError | KeyError | ParamsChangedError
         kind = "" if isinstance(err, ours) else f"{type(err).__name__}: "
-        message = str(err).strip() or type(err).__name__
+        message = _worker_message(str(err).strip()) or type(err).__name__
         print(f"{stage}: {kind}{message}", file=sys.stderr)
         print(f"({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _worker_message(text: str) -> str:
+    """The error itself, without the worker's traceback that torch's DataLoader puts into the
+    message of an error re-raised from a loader worker ("Caught ValueError in DataLoader worker
+    process 0.\nOriginal Traceback (most recent call last): ...")."""
+    if "\nOriginal Traceback (most recent call last):" not in text:
+        return text
+    lines = text.splitlines()
+    last_frame = max(i for i, line in enumerate(lines) if line.startswith(" "))
+    error = "\n".join(lines[last_frame + 1 :])
+    kind, _, message = error.partition(": ")
+    return message.strip() if kind.replace(".", "").replace("_", "").isalnum() and message else error
+
+
+def clean_project_leftovers() -> None:
+    """Remove what killed processes left: `files.atomic_path` temporaries in every folder that
+    holds a stage's output (from dvc.lock), and their private `$TMPDIR` folders; then give this
+    process its own `$TMPDIR` folder (MLflow's and Lightning's temporary copies), removed at exit.
+
+    A stage restored from DVC's run cache does not run, so the folders of outputs that only it
+    writes would keep a SIGKILLed run's temporary file; any stage's next run removes them.
+    """
+    folders: set[Path] = set()
+    try:
+        lock = yaml.safe_load(Path("dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        lock = {}
+    for entry in (lock.get("stages") or {}).values():
+        for out in (entry or {}).get("outs") or []:
+            path = Path(str(out.get("path", "")))
+            folders.update((path.parent, path) if path.parts else ())
+    for folder in sorted(folders):
+        if folder.is_dir() and not folder.is_symlink():
+            clean_leftovers(folder)
+    base = Path(tempfile.gettempdir())
+    clean_leftovers(base)
+    own = temp_name(base / "aerialseg")
+    own.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(own)  # worker and DDP processes inherit it
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
 
 
 def _params_digest() -> str | None:

@@ -56,7 +56,7 @@ def build_tiles(raw_dir: Path, out_dir: Path, data: DataConfig) -> pd.DataFrame:
     outside the legend, an empty split - raises an error that names the file or archive.
     """
     layout = LAYOUTS[data.source]
-    tiles = find_tiles(Path(raw_dir), layout)
+    tiles = find_tiles(Path(raw_dir), layout, complete=True)
     splits = assign_splits(list(tiles), data)
     plans = _plan_tiles(Path(raw_dir), layout, {tile_id: tiles[tile_id] for tile_id in splits}, data.bands)
     with atomic_path(out_dir) as tmp:

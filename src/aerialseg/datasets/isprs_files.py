@@ -65,8 +65,11 @@ class TileFiles:
         return self.files.get(role)
 
 
-def find_tiles(raw_dir: Path, layout: DatasetLayout) -> dict[str, TileFiles]:
+def find_tiles(raw_dir: Path, layout: DatasetLayout, *, complete: bool = False) -> dict[str, TileFiles]:
     """Every tile of `layout` that has an orthophoto in `raw_dir`, by tile id, sorted.
+
+    With `complete` (the tiles stage), a tile that has other files but no orthophoto is an error
+    naming it, instead of a tile silently left out of `train_tiles: null`'s "all the others".
 
     When a file is found twice (an archive and its extracted folder, or the participant and the
     COMPLETE ground truth), files on disk win over zip members, then the first path in sorted order.
@@ -88,6 +91,17 @@ def find_tiles(raw_dir: Path, layout: DatasetLayout) -> dict[str, TileFiles]:
     }
     if not tiles:
         raise DatasetLayoutError(_nothing_found(raw_dir, layout, sources, nested_archives))
+    orphans = [tile_id for tile_id in found if tile_id not in tiles]
+    if complete and orphans:  # a failed download, a deleted file
+        spec = layout.role(layout.ortho_roles[0])
+        raise DatasetLayoutError(
+            f"{raw_dir}: no orthophoto for tile(s) with other files: "
+            + "; ".join(
+                f"{layout.tile_name(t)} (has {', '.join(s.name for s in found[t].values())}; missing "
+                f"{spec.example.format(tile=t)} ({spec.where}))"
+                for t in orphans
+            )
+        )
     return tiles
 
 

@@ -14,6 +14,9 @@ from aerialseg.datasets.errors import DatasetLayoutError
 
 TILES_CSV = "tiles.csv"
 SPLITS = ("train", "val", "test")
+READ_COLUMNS = ("tile", "tile_id", "split", "height", "width", "image", "label", "label_eroded")
+"""The columns the stages after `tiles` read (the counts after them are for people)."""
+RERUN_TILES = "rerun the `tiles` stage (`dvc repro tiles`, or `dvc checkout` for the stored one)"
 TABLE_COLUMNS = (
     "tile",  # output name: area15, potsdam_2_10
     "tile_id",  # the dataset's own id, as data.*_tiles name it: 15, 2_10
@@ -42,7 +45,24 @@ def read_tiles_table(tiles_dir: Path, split: str | None = None) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no tile table; run the `tiles` stage first")
     # Text, not numbers: Vaihingen ids (15) would otherwise read back as integers.
-    table = pd.read_csv(path, dtype={"tile": str, "tile_id": str})
+    try:
+        table = pd.read_csv(path, dtype={"tile": str, "tile_id": str})
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' ParserError is a ValueError
+        raise DatasetLayoutError(f"{path}: not a tile table ({err}); {RERUN_TILES}") from err
+    missing = [column for column in READ_COLUMNS if column not in table.columns]
+    if missing:
+        raise DatasetLayoutError(
+            f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(map(str, table.columns))}); "
+            f"expected the table the `tiles` stage writes; {RERUN_TILES}"
+        )
+    # A row of another split would silently drop its tile from training, validation or the test.
+    odd = table[~table["split"].isin(SPLITS)]
+    if not odd.empty:
+        row = odd.iloc[0]
+        raise DatasetLayoutError(
+            f"{path}: tile {row['tile']} has split {row['split']!r}; expected one of {', '.join(SPLITS)}; "
+            f"{RERUN_TILES}"
+        )
     if split is not None:
         table = table[table["split"] == split].reset_index(drop=True)
         if table.empty:
