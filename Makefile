@@ -91,6 +91,10 @@ bench: install ## measure training, loading and inference speed -> reports/bench
 rehearsal: install ## full-size rehearsal (~30 min, not in `make test`): official-size archives -> tiles, patches, train, evaluate -> reports/rehearsal.json/.md
 	python benchmarks/rehearsal.py $(REHEARSAL_ARGS)
 
+.PHONY: faults
+faults: install ## issue 12 measured again (~25 min, not in `make test`): kills, bad inputs, concurrent runs, a silent server -> reports/faults.md
+	python benchmarks/faults.py $(FAULTS_ARGS)
+
 .PHONY: gallery
 gallery: install ## docs/gallery/*.png for the README, from the last pipeline run's reports (run make repro first)
 	python -m aerialseg.reports

@@ -301,6 +301,16 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
             f"{val_info.path}: bands {val_info.bands}, but {train_info.path} has {train_info.bands}; "
             "rerun the `patches` stage"
         )
+    # Outside `dvc repro` (a stage script run by hand) the patches may be of other params.
+    for key, found, wanted in (
+        ("data.bands", tuple(train_info.bands), tuple(params.data.bands)),
+        ("patches.size_px", train_info.size, params.patches.size_px),
+    ):
+        if found != wanted:
+            raise ValueError(
+                f"{train_info.path}: written for {key} {found}, but params.yaml says {wanted}; "
+                "rerun the `patches` stage (`dvc repro` does)"
+            )
     check_input_size(train_info.size, train_info.size, params.model.arch)
     args = model_args(params.model.arch, params.model.encoder, len(train_info.bands), NUM_CLASSES)
     precision = resolve_training_precision(cfg.precision, cfg.accelerator)
