@@ -3,6 +3,7 @@ a resumed run repeat an uninterrupted one, whatever the number of loader workers
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -46,8 +47,10 @@ class PatchData(L.LightningDataModule):
         shards = EpochShards(dataset, self._world(), self._rank(), seed=self.cfg.seed)
         # Lightning builds the loader's first iterator (and, with workers, draws its first
         # indices) before it calls set_epoch: a resumed run would replay epoch 0's order.
-        shards.set_epoch(self._next_epoch())
-        return self._loader(dataset, EpochBatches(shards, self.cfg.batch_size))
+        epoch = self._next_epoch()
+        shards.set_epoch(epoch)
+        batches = EpochBatches(shards, self.cfg.batch_size, skip={epoch: self._trained_batches()})
+        return self._loader(dataset, batches)
 
     def val_dataloader(self) -> DataLoader[Any]:
         # One whole tile per step, read in this process: a tile is too large to hand over
@@ -87,6 +90,18 @@ class PatchData(L.LightningDataModule):
         progress = self.trainer.fit_loop.epoch_progress.current
         return int(getattr(progress, "processed", self.trainer.current_epoch))
 
+    def _trained_batches(self) -> int:
+        """The batches of that epoch already trained: those before a checkpoint saved mid-epoch
+        (a preempted Slurm job, preemption.Preemption), which Lightning counts as trained and the
+        resumed epoch must not read again. 0 for a fresh run or an epoch's checkpoint."""
+        if self.trainer is None:
+            return 0
+        loop = self.trainer.fit_loop
+        epochs = loop.epoch_progress.current
+        if getattr(epochs, "started", 0) <= getattr(epochs, "processed", 0):
+            return 0  # the checkpoint's epoch was finished (or nothing was trained)
+        return int(getattr(loop.epoch_loop.batch_progress.current, "processed", 0))
+
 
 class EpochShards(Sampler[tuple[int, int]]):
     """This rank's share of the training patches, shuffled from (seed, epoch), as `(epoch, patch)`
@@ -124,11 +139,17 @@ class EpochShards(Sampler[tuple[int, int]]):
 class EpochBatches(BatchSampler):
     """EpochShards' (epoch, patch) pairs in lists of `batch_size` (the last one shorter, as a
     DataLoader's batches): PatchDataset reads each list as one batch, in one worker call.
-    `set_epoch` and `started` are the shards'."""
+    `set_epoch` and `started` are the shards'. `skip` {epoch: n}: that epoch leaves out its first
+    n batches (trained before a mid-epoch checkpoint), by epoch rather than for the first
+    iteration only, since a DataLoader with workers iterates its sampler twice as it starts. The
+    length stays the epoch's, as Lightning counts those batches in."""
 
-    def __init__(self, shards: EpochShards, batch_size: int) -> None:
+    def __init__(self, shards: EpochShards, batch_size: int, skip: dict[int, int] | None = None) -> None:
         super().__init__(shards, batch_size, drop_last=False)  # type: ignore[arg-type]  # (epoch, patch) pairs
-        self.shards = shards
+        self.shards, self.skip = shards, dict(skip or {})
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(super().__iter__(), self.skip.get(self.shards.epoch, 0), None)
 
     def set_epoch(self, epoch: int) -> None:
         self.shards.set_epoch(epoch)

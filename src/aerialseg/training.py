@@ -70,6 +70,7 @@ from aerialseg.names import (
 )
 from aerialseg.optim import OPTIMIZERS, SCHEDULERS, Schedule, build_optimizer, build_scheduler
 from aerialseg.patches import PatchFileInfo, open_h5, read_patch_info, read_tile_file_info
+from aerialseg.preemption import Preemption, Requeued, restart_count
 from aerialseg.progress import training_progress_bar
 from aerialseg.tracking import (
     RunRef,
@@ -349,7 +350,8 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         "train.class_weights_resolved": class_weights,
     }
     fingerprint = run_fingerprint(logged, [train_info.path, val_info.path])
-    point = _resume_point(ckpt_dir, cfg.resume, fingerprint)
+    # A requeued Slurm job (preemption.py) continues its checkpoint whatever train.resume says.
+    point = _resume_point(ckpt_dir, cfg.resume or restart_count() > 0, fingerprint)
     resume_from, run_id = point.checkpoint, point.run_id
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     if rank_zero:
@@ -358,7 +360,10 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
         end_dead_runs(params.tracking.experiment, keep=run_id)
     logger = _run_logger(params, run_id)
     clock = TrainClock(logger, _previous_seconds(run_id) if rank_zero else 0.0)
-    with _run_status(logger, clock):
+    preemption = Preemption.in_slurm_job(
+        ckpt_dir / LAST_CHECKPOINT, lambda: logger.log_metrics({TRAIN_SECONDS: clock.total()})
+    )
+    with _run_status(logger, clock), preemption or contextlib.nullcontext():
         if run_id is None:
             # A resumed run keeps the parameters it was started with (MLflow refuses to change them;
             # the fingerprint made sure they are the same).
@@ -374,7 +379,11 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
             dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max", save_on_train_epoch_end=True
         )
         last = ModelCheckpoint(
-            dirpath=ckpt_dir, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_on_train_epoch_end=True
+            dirpath=ckpt_dir,
+            filename=LAST_CHECKPOINT.removesuffix(".ckpt"),
+            save_on_train_epoch_end=True,
+            # Over a last.ckpt that Preemption saved mid-epoch, not beside it as last-v1.ckpt.
+            enable_version_counter=False,
         )
         all_callbacks: list[Callback] = [
             best,
@@ -387,6 +396,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
             ),
             Fingerprint(ckpt_dir / FINGERPRINT, fingerprint),
             clock,
+            *([preemption] if preemption else []),
             *callbacks,
         ]
         if cfg.scheduler != "none":
@@ -413,7 +423,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
             use_distributed_sampler=False,  # PatchData shards the patches itself
             default_root_dir=str(out),
             # Checkpoints written beside their final name and renamed when complete, not via $TMPDIR.
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO(), *([preemption.environment()] if preemption else [])],
         )
         clock.start()
         trainer.fit(
@@ -485,7 +495,8 @@ class RunLogger(MLFlowLogger):
     it FINISHED once the model is published (`_run_status`)."""
 
     def finalize(self, status: str = "success") -> None:
-        if status != "success":
+        # Lightning ends it FAILED on any error in fit, but a requeued job's run goes on.
+        if status != "success" and not isinstance(sys.exception(), Requeued):
             super().finalize(status)
 
 
@@ -520,12 +531,15 @@ def _previous_seconds(run_id: str | None) -> float:
 @contextlib.contextmanager
 def _run_status(logger: Logger, clock: TrainClock) -> Iterator[None]:
     """End the MLflow run when the block ends: FINISHED when it completes (the model published),
-    KILLED on KeyboardInterrupt or SystemExit (Lightning's SIGTERM), FAILED on any other error."""
+    KILLED on KeyboardInterrupt or SystemExit (Lightning's SIGTERM), FAILED on any other error;
+    RUNNING on preemption.Requeued (the requeued Slurm job continues it)."""
     if not isinstance(logger, MLFlowLogger):
         yield
         return
     try:
         yield
+    except Requeued:
+        raise  # the run goes on in the requeued job (Preemption logged its train_seconds)
     except BaseException as err:
         if getattr(logger, "_initialized", False) and logger.run_id is not None:
             status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
@@ -708,7 +722,10 @@ def _finished_epochs(last: Path, epochs: int) -> int | None:
     when there is training left to do."""
     try:
         payload = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-        done = int(payload["epoch"]) + 1
+        # A checkpoint saved between two batches (preemption.Preemption) has its epoch to finish:
+        # Lightning counts that epoch started, not yet processed.
+        progress = payload.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        done = int(payload["epoch"]) + 1 - int(progress.get("started", 0) > progress.get("processed", 0))
     except Exception as err:  # a truncated or foreign file: say which, never a pickling lecture
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
