@@ -57,11 +57,13 @@ def test_the_lecture_grid_has_its_list_one_change_at_a_time() -> None:
 
 def test_extra_overrides_apply_to_every_point_and_duplicates_are_dropped(tmp_path: Path) -> None:
     text = "name: g\naxes:\n  train.epochs: [1, 2]\n  train.augment: [true, false]\n"
-    grid = expand(_grid(tmp_path, text), ROOT / "params.yaml", ["train.epochs=3"])
+    extra = ["train.epochs=3", "settings.yaml:tracking.experiment=competition"]
+    grid = expand(_grid(tmp_path, text), ROOT / "params.yaml", extra)
     # base, epochs 1 and 2 (both 3 after --set: the same as the base), augment true and false
     assert [p.name for p in grid.points] == ["g-base", "g-augment_false"]
-    assert all(p.overrides[-1] == "train.epochs=3" for p in grid.points)
+    assert all(p.overrides[-2:] == tuple(extra) for p in grid.points)
     assert len(grid.dropped) == 3
+    assert grid.experiments == ("competition",)  # created in the store before the runs start
 
 
 def test_a_bad_point_stops_the_grid_naming_file_point_and_options(tmp_path: Path) -> None:

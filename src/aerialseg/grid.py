@@ -85,6 +85,8 @@ class Grid:
     points: tuple[Point, ...]
     dropped: tuple[str, ...] = ()
     """Points left out because an earlier point has the same params (their would-be names)."""
+    experiments: tuple[str, ...] = ()
+    """The MLflow experiments (tracking.experiment) the points log to."""
 
 
 # ---------------------------------------------------------------- reading a definition
@@ -192,7 +194,8 @@ def expand(path: Path, params_path: Path = Path("params.yaml"), extra: Sequence[
     dropped: list[str] = []
     seen: dict[str, str] = {}
     names: set[str] = set()
-    for key in [*(k for _, changes in candidates for k in changes), *(e.split("=", 1)[0] for e in extra)]:
+    experiments: dict[str, None] = {}
+    for key in (k for _, changes in candidates for k in changes):
         if any(key == s or key.startswith(f"{s}.") for s in NOT_RESULTS):
             raise GridError(
                 f"{path}: {key}: does not change results (a setting, {SETTINGS_FILE}); a grid varies params"
@@ -200,7 +203,7 @@ def expand(path: Path, params_path: Path = Path("params.yaml"), extra: Sequence[
     for label, changes in candidates:
         overrides = tuple(override(k, v) for k, v in changes.items()) + tuple(extra)
         point_name = f"{name}-{label}"
-        resolved = _check_point(point_name, overrides, params_path, path)
+        resolved, experiment = _check_point(point_name, overrides, params_path, path)
         if resolved in seen:
             dropped.append(f"{point_name} (= {seen[resolved]})")
             continue
@@ -208,17 +211,17 @@ def expand(path: Path, params_path: Path = Path("params.yaml"), extra: Sequence[
             raise GridError(f"{path}: two points are named {point_name!r}: give one a `name:`")
         seen[resolved] = point_name
         names.add(point_name)
+        experiments[experiment] = None
         points.append(Point(point_name, overrides))
     if not points:
         raise GridError(f"{path}: the grid has no point")
-    return Grid(name, tuple(points), tuple(dropped))
+    return Grid(name, tuple(points), tuple(dropped), tuple(experiments))
 
 
-def _check_point(name: str, overrides: Sequence[str], params_path: Path, source: Path) -> str:
-    """The point's params.yaml (DVC's -S applied to a copy) validated as the params stage does;
-    returns it as canonical JSON, to find points that are the same."""
-    from dvc.utils.hydra import apply_overrides
-
+def _check_point(name: str, overrides: Sequence[str], params_path: Path, source: Path) -> tuple[str, str]:
+    """The point's params.yaml and settings.yaml (DVC's -S applied to copies) validated as the
+    params stage does; returns them as canonical JSON, to find points that are the same, and the
+    point's MLflow experiment."""
     from aerialseg.choices import check_choices
 
     with tempfile.TemporaryDirectory(prefix="aerialseg-grid-") as folder:
@@ -228,14 +231,24 @@ def _check_point(name: str, overrides: Sequence[str], params_path: Path, source:
         if settings.exists():
             shutil.copyfile(settings, copy.with_name(SETTINGS_FILE))
         try:
-            apply_overrides(str(copy), list(overrides))
+            apply_overrides(Path(folder), overrides)
             params = load_params(copy)
             check_choices(params, source=f"{source} ({name})")
         except ConfigError as err:
             raise GridError(str(err).replace(str(copy), f"{source} ({name})")) from None
         except Exception as err:  # DVC's override parser: a malformed `key=value`
             raise GridError(f"{source} ({name}): cannot apply {' '.join(overrides)}: {err}") from None
-        return json.dumps(params.model_dump(mode="json"), sort_keys=True)
+        return json.dumps(params.model_dump(mode="json"), sort_keys=True), params.tracking.experiment
+
+
+def apply_overrides(root: Path, overrides: Sequence[str]) -> None:
+    """Apply `-S` overrides to the files under `root` as `dvc exp run -S` does: `key=value` to
+    params.yaml, `settings.yaml:key=value` to that file (DVC's parser and writer)."""
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides as apply_to_file
+
+    for file, changes in to_path_overrides(list(overrides)).items():
+        apply_to_file(str(root / file), changes)
 
 
 # ---------------------------------------------------------------- running locally
@@ -267,7 +280,8 @@ def _prepare_store(grid: Grid) -> None:
     from aerialseg.tracking import check_tracking_store, ensure_experiment
 
     check_tracking_store()
-    ensure_experiment(load_params().tracking.experiment)
+    for experiment in grid.experiments:
+        ensure_experiment(experiment)
 
 
 def _call(command: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None) -> None:
@@ -324,13 +338,14 @@ def submit_slurm(
 
     project = Path.cwd().resolve()
     commit = _git(project, "rev-parse", "HEAD")
-    dirty = _git(project, "status", "--porcelain", "--untracked-files=no")
-    if dirty:
-        raise GridError(
-            f"{project}: tracked files differ from the commit ({len(dirty.splitlines())}: "
-            f"{', '.join(line[3:] for line in dirty.splitlines()[:3])}...); every array task checks out "
-            "HEAD in its own worktree: commit (or stash) them first"
-        )
+    dirty = _git(project, "status", "--porcelain", "--untracked-files=no").splitlines()
+    problem = (
+        f"{project}: {len(dirty)} tracked file(s) differ from the commit "
+        f"({', '.join(line[3:] for line in dirty[:3])}{', ...' if len(dirty) > 3 else ''}); every array "
+        "task checks out HEAD in its own worktree: commit (or stash) them first"
+    )
+    if dirty and not dry_run:
+        raise GridError(problem)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     manifest_path = project / STATE_DIR / f"{grid.name}-{stamp}.json"
     array = f"0-{len(grid.points) - 1}" + (f"%{parallel}" if parallel else "")
@@ -344,8 +359,8 @@ def submit_slurm(
     ]
     if dry_run:
         typer.echo(shlex.join(command))
-        for i, point in enumerate(grid.points):
-            typer.echo(f"  task {i}: {point.name}: {' '.join(point.overrides)}")
+        if dirty:
+            typer.echo(f"note: {problem}")
         return 0
     if not template.is_file():
         raise GridError(f"{template}: no such Slurm template (submit from the project root)")
@@ -362,7 +377,7 @@ def _git(cwd: Path, *args: str) -> str:
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         raise GridError(f"{cwd}: `git {' '.join(args)}` failed: {done.stderr.strip() or done.returncode}")
-    return done.stdout.strip()
+    return done.stdout.rstrip("\n")  # not strip(): porcelain lines start with a space
 
 
 # ---------------------------------------------------------------- Slurm: one array task
@@ -403,7 +418,7 @@ def run_task(manifest_path: Path, index: int) -> int:
     1. `git worktree add --detach` of the manifest's commit (its own params.yaml, dvc.lock and DVC
        lock: no two tasks share one), `.dvc/config.local` copied from the project and the project's
        DVC cache set in it (`dvc cache dir --local`), so stages already run come from the cache;
-    2. the point's overrides applied to its params.yaml (DVC's -S function), `dvc repro` with the
+    2. the point's overrides applied to its params.yaml and settings.yaml (as DVC's -S), `dvc repro` with the
        project's tracking store (MLFLOW_TRACKING_URI) and DVC_EXP_NAME = the point's name, which
        names the MLflow run as `dvc exp run` does;
     3. `dvc exp save -n <name>`: the experiment is a ref of the shared repository, so `dvc exp show`
@@ -441,7 +456,7 @@ def run_task(manifest_path: Path, index: int) -> int:
     ok = False
     try:
         _share_dvc(project, worktree)
-        _apply(worktree / "params.yaml", point.overrides)
+        apply_overrides(worktree, point.overrides)
         _call(["dvc", "repro"], worktree, env)
         # The experiment commit holds what `dvc exp run` would commit: params.yaml, dvc.lock and the
         # outputs kept in git (metrics, small reports), also where the project does not track them yet.
@@ -471,12 +486,6 @@ def _share_dvc(project: Path, worktree: Path) -> None:
     if cache.returncode != 0 or not cache.stdout.strip():
         raise GridError(f"{project}: `dvc cache dir` failed: {cache.stderr.strip()}")
     _call(["dvc", "cache", "dir", "--local", cache.stdout.strip()], worktree)
-
-
-def _apply(params: Path, overrides: Sequence[str]) -> None:
-    from dvc.utils.hydra import apply_overrides
-
-    apply_overrides(str(params), list(overrides))
 
 
 def _keep_for_debugging(project: Path, worktree: Path, tag: str) -> None:
@@ -539,9 +548,13 @@ def grid_command(
     `dvc exp show` lists them; `aerialseg leaderboard --view lecture --grid <name>` ranks them."""
     try:
         grid = expand(definition, params, set_ or ())
-        typer.echo(f"{definition}: {len(grid.points)} point(s)")
+        common = [o for o in grid.points[0].overrides if all(o in p.overrides for p in grid.points)]
+        typer.echo(
+            f"{definition}: {len(grid.points)} point(s); each sets {' '.join(common) or 'nothing'}, and"
+        )
         for point in grid.points:
-            typer.echo(f"  {point.name}: {' '.join(point.overrides) or '(params.yaml as it is)'}")
+            own = [o for o in point.overrides if o not in common]
+            typer.echo(f"  {point.name}: {' '.join(own) or '(nothing more)'}")
         if grid.dropped:
             typer.echo(f"  the same as an earlier point, left out: {', '.join(grid.dropped)}")
         if slurm:
