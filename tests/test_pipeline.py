@@ -149,8 +149,15 @@ def test_dvc_and_mlflow_link_both_ways(project: Path) -> None:
     assert "models/mlflow_run.json" in {out["path"] for out in train["outs"]}
     logged = client.download_artifacts(run_id, "dvc/lock_at_evaluate.json", str(project / ".dl"))
     assert json.loads(Path(logged).read_text())["digests"] == expected
-    # The registry: the newest model is the `candidate` of the registered model.
-    assert client.get_model_version_by_alias("aerialseg", "candidate").run_id == run_id
+    # The registry: the newest model is the `candidate` of the dataset's registered model.
+    assert client.get_model_version_by_alias("aerialseg-synthetic", "candidate").run_id == run_id
+    # The tiles and patches are the run's dataset inputs, with dvc.lock's digests.
+    digests = {
+        o["path"]: o["md5"]
+        for s in ("tiles", "patches")
+        for o in lock_entries([s], project / "dvc.lock")[s]["outs"]
+    }
+    assert {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs} == digests
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:

@@ -68,7 +68,7 @@ def prefetch_weights(
 
 MODEL_HELP = (
     "an aerialseg checkpoint (models/model.ckpt) or an MLflow model URI: runs:/<run id>/model, "
-    "models:/aerialseg@candidate (store: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    "models:/aerialseg-synthetic@candidate (store: MLFLOW_TRACKING_URI, else ./mlflow.db)"
 )
 
 

@@ -247,10 +247,11 @@ class EvaluateConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = "aerialseg"
-    # Each trained model becomes a new version of this registered model; `alias` moves to it once
-    # `evaluate` has scored it, so `models:/<name>@<alias>` is the newest evaluated model, never
-    # one whose run failed. None: do not register.
-    registered_model: str | None = "aerialseg"
+    # Each trained model becomes a new version of this registered model, a template whose
+    # {section.key} are params (names.registered_model_name): one per dataset by default. `alias`
+    # moves to it once `evaluate` has scored it, so `models:/<name>@<alias>` is the newest
+    # evaluated model, never one whose run failed. None: do not register.
+    registered_model: str | None = "aerialseg-{data.source}"
     alias: str = "candidate"
 
 

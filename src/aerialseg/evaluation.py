@@ -40,7 +40,7 @@ from aerialseg.files import atomic_path
 from aerialseg.inference import Settings, count_windows, stream_blocks
 from aerialseg.metrics import confusion_matrix, scores
 from aerialseg.model_card import ModelCard
-from aerialseg.names import EVALUATE_TAG_PREFIX, EVALUATION_ARTIFACTS, test
+from aerialseg.names import EVALUATE_TAG_PREFIX, EVALUATION_ARTIFACTS, registered_model_name, test
 from aerialseg.progress import progress_bar
 from aerialseg.published import (
     LECTURE,
@@ -63,7 +63,14 @@ from aerialseg.reports import (
     save_label_png,
     write_per_class_csv,
 )
-from aerialseg.tracking import RunRef, check_tracking_store, log_lineage, reopen, set_alias_to_run
+from aerialseg.tracking import (
+    RunRef,
+    check_tracking_store,
+    log_lineage,
+    promote_champion,
+    reopen,
+    set_alias_to_run,
+)
 
 SUMMARY_KEYS = (
     "overall_accuracy",
@@ -102,6 +109,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     """Score the trained model on every test tile; write `reports/` and add it all to the MLflow run."""
     check_tracking_store()  # a remote store that cannot be used fails now, within its timeout
     check_choices(params)
+    registered_model_name(params.tracking.registered_model, params)  # a bad name fails now
     ref = RunRef.load(params.paths.models / "mlflow_run.json")
     out = params.paths.reports
     # Whole folders are swapped in at the end: no stale or half-written predictions survive.
@@ -451,7 +459,11 @@ def _log_to_mlflow(
                 mlflow.log_artifact(str(out / name), artifact_path=EVALUATION_ARTIFACTS)
         for folder in ("predictions", "overlays"):
             mlflow.log_artifacts(str(out / folder), artifact_path=f"{EVALUATION_ARTIFACTS}/{folder}")
-        # Only now, with the test figures logged: the alias never names a model that failed or
-        # was not evaluated (train registers the version, it does not move the alias).
-        if params.tracking.registered_model:
-            set_alias_to_run(ref.run_id, params.tracking.registered_model, params.tracking.alias)
+        # Only now, with the test figures logged: the aliases never name a model that failed or
+        # was not evaluated (train registers the version, it does not move them). The champion
+        # is decided on the validation figure that chose the checkpoint, never on these.
+        registered = registered_model_name(params.tracking.registered_model, params)
+        if registered:
+            version = set_alias_to_run(ref.run_id, registered, params.tracking.alias)
+            if version is not None:
+                promote_champion(ref.run_id, registered, version)

@@ -28,6 +28,7 @@ from torch import nn
 from aerialseg.files import atomic_path
 from aerialseg.model import check_input_size, check_onnx_export
 from aerialseg.model_card import ModelCard
+from aerialseg.model_source import in_eval_mode
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTER_CHOICES: tuple[str, ...] = ("dynamo", "torchscript")
@@ -99,7 +100,13 @@ def export_onnx(
     if check_size is None:
         check_size = (size + 32, size + 64)  # not the export size, and not square
     check_input_size(*check_size, arch)
-    model = model.float().to(memory_format=torch.contiguous_format).cpu().eval()
+    model = in_eval_mode(model.float().to(memory_format=torch.contiguous_format).cpu())
+    if exporter == "torchscript" and isinstance(model, torch.fx.GraphModule):
+        # The TorchScript exporter switches the module to training mode, which a graph refuses.
+        raise ExportError(
+            "the model is a torch.export graph (an MLflow model logged pickle-free, pt2): "
+            "export it with --exporter dynamo, or export its checkpoint (models/model.ckpt)"
+        )
     # Batch 2: torch.export specialises a dimension of size 1, which a ViT's reshapes (dpt) then keep.
     example = torch.zeros(2, bands, size, size)
     with atomic_path(output) as tmp:

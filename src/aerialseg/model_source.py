@@ -67,6 +67,7 @@ def _load_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module,
 def _load_mlflow(uri: str, device: str | torch.device) -> tuple[nn.Module, Any]:
     import mlflow
     import mlflow.pytorch
+    from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
 
     from aerialseg.tracking import check_tracking_store, tracking_uri
@@ -77,11 +78,25 @@ def _load_mlflow(uri: str, device: str | torch.device) -> tuple[nn.Module, Any]:
         meta = mlflow.models.get_model_info(uri).metadata
         model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
     except (MlflowException, OSError) as err:
+        if "pickle" in str(err).lower() and not MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get():
+            raise ModelSourceError(
+                f"{uri}: a pickled model (logged before aerialseg logged models pickle-free, as pt2), "
+                "and MLFLOW_ALLOW_PICKLE_DESERIALIZATION is false here; use that run's checkpoint "
+                "(models/model.ckpt of its DVC experiment), or allow pickles for this trusted store"
+            ) from err
         raise ModelSourceError(
             f"{uri}: cannot load the MLflow model from tracking store {tracking_uri()} "
             f"(set MLFLOW_TRACKING_URI to the store the model was logged to): {err}"
         ) from err
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"{uri}: expected a PyTorch model, got {type(model).__name__}")
-    model.to(device).eval()
-    return model, meta
+    return in_eval_mode(model.to(device)), meta
+
+
+def in_eval_mode(model: nn.Module) -> nn.Module:
+    """`model.eval()`, except for a torch.export graph (the pt2 models `train` logs since they are
+    pickle-free), which was exported in eval mode, runs as exported and refuses eval()."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model

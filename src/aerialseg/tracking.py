@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from aerialseg.files import atomic_path
 from aerialseg.names import (
+    CHAMPION_ALIAS,
+    CHAMPION_COMPARABLE,
+    CHAMPION_METRIC,
     DVC_EXP_TAG,
     GIT_COMMIT_TAG,
     GIT_DIRTY_TAG,
@@ -30,6 +33,8 @@ from aerialseg.names import (
     OWNER_HOST_TAG,
     OWNER_PID_TAG,
     OWNER_START_TAG,
+    VERSION_CHAMPION_TAG,
+    VERSION_VALIDATION_TAG,
 )
 from aerialseg.processes import pid_exists, proc_stat, start_time
 
@@ -37,7 +42,8 @@ if TYPE_CHECKING:
     from aerialseg.model_card import ModelCard
 
 DEFAULT_DB = "mlflow.db"
-MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "numpy")
+MODEL_REQUIREMENTS = ("torch", "numpy")
+"""What the logged pt2 model needs besides MLflow: torch runs the graph, numpy its inputs."""
 DVC_LOCK = Path("dvc.lock")
 
 
@@ -277,40 +283,81 @@ def log_model(
     registered_model: str | None = None,
     alias: str | None = None,
 ) -> str:
-    """Log `model` (a torch module) to the run as `model`, with its model card as `metadata`
-    so that `aerialseg predict` can feed it from the URI alone; register it when `registered_model`
-    is set, and move `alias` to the new version when `alias` is set too (`train` passes none: the
-    alias moves once `evaluate` has tested the model, `set_alias_to_run`). Returns the model URI."""
+    """Log `model` (a torch module) to the run as `model`, pickle-free: MLflow's `pt2` format (a
+    `torch.export` graph and its weights as tensors; loading runs no pickle and needs neither
+    aerialseg nor segmentation-models-pytorch), with its model card as `metadata` so that
+    `aerialseg predict` can feed it from the URI alone. Batch, height and width stay dynamic (the
+    signature marks them -1): any height and width that are multiples of the architecture's input
+    multiple, from the training window (`card.window`) up. Register it when `registered_model` is
+    set, and move `alias` to the new version when `alias` is set too (`train` passes none: the
+    alias moves once `evaluate` has tested the model, `set_alias_to_run`). Returns the model URI.
+
+    Raises ModelExportError, naming the architecture, when torch.export cannot export the network.
+    """
     import mlflow
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
     model = model.float().to(memory_format=torch.contiguous_format).cpu().eval()
-    example = np.zeros((1, len(card.bands), card.window, card.window), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
+    # Batch 2 and a non-square window: torch.export makes a dimension of size 1 a constant, and
+    # two equal sizes could be taken for one. The window, not less: a pooling pyramid (pan) that
+    # reaches 1 px on a smaller input would fix that size too.
+    example = torch.zeros(2, len(card.bands), card.window, card.window + _input_multiple(card))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(card.bands), -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, card.num_classes, -1, -1))]),
+    )
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
-        # Pickle, not MLflow's traced pt2 default: a traced graph fixes the input size, and
-        # whole-tile prediction needs any size that is a multiple of 32.
-        info = mlflow.pytorch.log_model(
-            model,
-            name=MODEL_ARTIFACT,
-            signature=infer_signature(example, output),
-            serialization_format="pickle",
-            # The card without the training's params: they are the run's params already.
-            metadata=card.to_dict(training=False),
-            # What unpickling the network needs; stated, because MLflow's inference of it starts
-            # a subprocess that takes ~30 s on every run.
-            pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
-            registered_model_name=registered_model,
-        )
+        try:
+            info = mlflow.pytorch.log_model(
+                model,
+                name=MODEL_ARTIFACT,
+                signature=signature,
+                # A tensor: MLflow saves no JSON copy of it (megabytes of zeros at 512 px) and adds
+                # no pyfunc flavour; `mlflow.pytorch.load_model` is how the model is loaded.
+                input_example=(example,),
+                serialization_format="pt2",
+                # The card without the training's params: they are the run's params already.
+                metadata=card.to_dict(training=False),
+                # What loading the graph needs (tests/test_registry.py checks every module it
+                # imports is covered); stated, because MLflow's inference of it starts a
+                # subprocess that takes ~30 s on every run.
+                pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
+                registered_model_name=registered_model,
+            )
+        except (MlflowException, OSError):
+            raise  # the store's, not the export's
+        except Exception as err:  # torch.export's many kinds (UserError, Unsupported, guards)
+            raise ModelExportError(_export_problem(card, err)) from err
     if registered_model and alias and info.registered_model_version is not None:
         mlflow.MlflowClient().set_registered_model_alias(
             registered_model, alias, str(info.registered_model_version)
         )
     return str(info.model_uri)
+
+
+class ModelExportError(RuntimeError):
+    """torch.export cannot turn the network into the pickle-free graph that is logged."""
+
+
+def _export_problem(card: ModelCard, err: BaseException) -> str:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"cannot log the model of {card.model_args.get('arch')!r} ({card.model_args.get('encoder_name')!r}) "
+        f"pickle-free: torch.export failed ({detail}); models/model.ckpt holds it"
+    )
+
+
+def _input_multiple(card: ModelCard) -> int:
+    """The architecture's input multiple (model.ARCHITECTURES), 32 for a network it does not list."""
+    from aerialseg.model import ARCHITECTURES, OUTPUT_STRIDE
+
+    entry = ARCHITECTURES.get(str(card.model_args.get("arch")))
+    return entry.input_multiple if entry is not None else OUTPUT_STRIDE
 
 
 def set_alias_to_run(run_id: str, registered_model: str, alias: str) -> str | None:
@@ -328,6 +375,127 @@ def set_alias_to_run(run_id: str, registered_model: str, alias: str) -> str | No
         return None
     client.set_registered_model_alias(registered_model, alias, str(max(versions)))
     return str(max(versions))
+
+
+def promote_champion(run_id: str, registered_model: str, version: str) -> bool:
+    """Move the CHAMPION_ALIAS of `registered_model` to `version` (run `run_id`'s, just evaluated)
+    when its validation figure, the run's CHAMPION_METRIC (the best val_mean_f1, which chose the
+    published checkpoint), is above the current champion's and both were validated the same way
+    (CHAMPION_COMPARABLE params); the test figures never decide. Tags the version with its figure
+    (VERSION_VALIDATION_TAG) and the decision in one sentence (VERSION_CHAMPION_TAG), which is also
+    printed. Returns whether the alias moved.
+
+    Two evaluations finishing at the same moment may both read the old champion; the later one to
+    set the alias wins (MLflow has no compare-and-set on aliases)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri())
+    value, validated = _validation(client, run_id)
+    client.set_model_version_tag(
+        registered_model,
+        version,
+        VERSION_VALIDATION_TAG,
+        json.dumps({CHAMPION_METRIC: value, **validated}, sort_keys=True),
+    )
+    try:
+        current = client.get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
+    except MlflowException:
+        current = None  # no champion yet
+    promote = False
+    if value is None:
+        reason = f"not the {CHAMPION_ALIAS}: its run logged no {CHAMPION_METRIC}"
+    elif current is None:
+        promote = True
+        reason = f"{CHAMPION_ALIAS}: the first version validated ({CHAMPION_METRIC} {value:.4f})"
+    elif str(current.version) == str(version):
+        reason = f"{CHAMPION_ALIAS} already ({CHAMPION_METRIC} {value:.4f}); evaluated again"
+    else:
+        theirs, their_validation = _validation(client, str(current.run_id))
+        differ = [k for k in CHAMPION_COMPARABLE if validated.get(k) != their_validation.get(k)]
+        before = f"version {current.version}, the {CHAMPION_ALIAS}"
+        if theirs is None or differ:
+            shown = ", ".join(f"{k} {validated.get(k)} (theirs {their_validation.get(k)})" for k in differ)
+            reason = (
+                f"not the {CHAMPION_ALIAS}: {before}, was validated otherwise "
+                f"({shown or f'no {CHAMPION_METRIC}'}); move the alias by hand if they compare"
+            )
+        elif value > theirs:
+            promote = True
+            reason = f"{CHAMPION_ALIAS}: {CHAMPION_METRIC} {value:.4f} > {theirs:.4f} of {before} until now"
+        else:
+            reason = f"not the {CHAMPION_ALIAS}: {CHAMPION_METRIC} {value:.4f} <= {theirs:.4f} of {before}"
+    if promote:
+        client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, str(version))
+    client.set_model_version_tag(registered_model, version, VERSION_CHAMPION_TAG, reason)
+    print(f"MLflow registry: {registered_model} version {version}: {reason}", flush=True)
+    return promote
+
+
+def _validation(client: Any, run_id: str) -> tuple[float | None, dict[str, str | None]]:
+    """Run `run_id`'s CHAMPION_METRIC (None when it has none) and its CHAMPION_COMPARABLE params."""
+    run = client.get_run(run_id)
+    value = run.data.metrics.get(CHAMPION_METRIC)
+    return (
+        None if value is None else float(value),
+        {key: run.data.params.get(key) for key in CHAMPION_COMPARABLE},
+    )
+
+
+DATASET_STAGES = ("tiles", "patches")
+"""The stages whose outputs a training run records as its dataset inputs (`log_dataset_inputs`)."""
+
+
+def log_dataset_inputs(run_id: str, lock: Path = DVC_LOCK) -> dict[str, str]:
+    """Record the outputs of DATASET_STAGES in `lock` (data/tiles, data/patches) as the run's dataset
+    inputs (`mlflow.log_input`'s entities): each an `mlflow.data.meta_dataset.MetaDataset` named by
+    its DVC path, whose digest is DVC's md5 of it from `dvc.lock` (`<md5>.dir` for a folder), with
+    its file URI in the project as the source and the stage's name as the context. Returns
+    {path: digest}.
+
+    Only when DVC runs the caller (DVC_STAGE), as `log_lineage`: outside DVC the lock may describe
+    other files. Logging the same ones again (a resumed run) adds nothing."""
+    if not os.environ.get("DVC_STAGE"):
+        return {}
+    import warnings
+
+    from mlflow import MlflowClient
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs, logged = [], {}
+    for stage, entry in lock_entries(DATASET_STAGES, lock).items():
+        for out in entry.get("outs") or []:
+            path, digest = out.get("path"), out.get("md5")
+            if not isinstance(path, str) or not isinstance(digest, str):
+                continue
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local files
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source((project_root() / path).absolute().as_uri())
+            dataset = MetaDataset(source, name=path, digest=digest)  # type: ignore[abstract]
+            context = InputTag(key=MLFLOW_DATASET_CONTEXT, value=stage)
+            inputs.append(DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context]))
+            logged[path] = digest
+    if inputs:
+        MlflowClient(tracking_uri()).log_inputs(run_id, datasets=inputs)
+    return logged
+
+
+def start_system_metrics(run_id: str, *, resume: bool) -> Any:
+    """Start MLflow's system metrics monitor on run `run_id` (system/cpu_utilization_percentage,
+    system/system_memory_usage_megabytes, disk and network, and per GPU utilisation and memory
+    where NVIDIA's NVML (nvidia-ml-py) or ROCm's library is installed): a thread that samples every
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default 10) and logs each sample;
+    `resume` continues the step count of a resumed run. Returns the monitor; stop it with its
+    `finish()`, which logs what is pending (a sample in progress is lost: a run shorter than one
+    interval records none). Call it on global rank 0 only: one set of curves per run."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri())
+    monitor.start()
+    return monitor
 
 
 def owner_tags() -> dict[str, str]:

@@ -65,6 +65,7 @@ from aerialseg.names import (
     VAL_MEAN_F1,
     VAL_PIXELS,
     VAL_SECONDS,
+    registered_model_name,
     selected,
     val,
 )
@@ -79,11 +80,13 @@ from aerialseg.tracking import (
     ensure_experiment,
     flatten,
     hardware_tag,
+    log_dataset_inputs,
     log_lineage,
     log_model,
     owner_tags,
     run_name,
     run_tags,
+    start_system_metrics,
     tracking_uri,
 )
 
@@ -242,11 +245,13 @@ class SegmentationTask(L.LightningModule):
 
 class RunReference(Callback):
     """Rank 0 writes the MLflow run id next to the checkpoints as soon as training starts,
-    so that a crashed run can be resumed into the same MLflow run."""
+    so that a crashed run can be resumed into the same MLflow run; it records the run's dataset
+    inputs and its system metrics while the training runs."""
 
     def __init__(self, logger: Logger, path: Path, experiment: str, log_world_size: bool) -> None:
         self.logger, self.path, self.experiment = logger, path, experiment
         self.log_world_size = log_world_size
+        self.system_metrics: Any = None  # mlflow's SystemMetricsMonitor while training runs
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -261,8 +266,24 @@ class RunReference(Callback):
             hardware_tag(trainer.strategy.root_device.type, trainer.world_size, trainer.num_nodes),
         )
         log_lineage(self.logger.run_id, ("scenes", "tiles", "patches"))
+        log_dataset_inputs(self.logger.run_id)
+        # CPU, memory and GPU curves; a resumed run continues its steps (a new run starts at 0).
+        self.system_metrics = start_system_metrics(self.logger.run_id, resume=True)
         if self.log_world_size:
             self.logger.log_hyperparams({"train.world_size": trainer.world_size})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_system_metrics()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._stop_system_metrics()
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self.system_metrics = self.system_metrics, None
+        if monitor is not None:
+            monitor.finish()  # before the run ends: the monitor logs while the run is RUNNING
 
 
 def resolve_deterministic(deterministic: bool, accelerator: str) -> bool | str:
@@ -463,8 +484,8 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
                 logger.run_id,
                 network,
                 card,
-                # Registered now; the alias moves once `evaluate` has tested it.
-                registered_model=params.tracking.registered_model,
+                # Registered now; the aliases move once `evaluate` has tested it.
+                registered_model=registered,
             )
     return final
 
