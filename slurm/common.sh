@@ -61,6 +61,11 @@ run_job() {
     echo "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_JOB_NUM_NODES:-1} node(s) x" \
         "${SLURM_NTASKS_PER_NODE:-1} task(s), ${SLURM_CPUS_PER_TASK:-1} CPU(s) per task;" \
         "params.yaml needs train.num_nodes=${SLURM_JOB_NUM_NODES:-1} train.devices=${SLURM_NTASKS_PER_NODE:-1}"
+    # A requeued job (preemption, src/aerialseg/preemption.py) runs this script again from the top.
+    if ((${SLURM_RESTART_COUNT:-0} > 0)); then
+        echo "restart ${SLURM_RESTART_COUNT} of job ${SLURM_JOB_ID:-?} (requeued): the stages already done" \
+            "are skipped, the training resumes from its last.ckpt into the same MLflow run"
+    fi
     echo "running: $*"
     # Pattern 2 (`... slurm/<template> srun python pipeline/train.py`): srun, with slurm/launch's checks.
     if [[ "$1" == srun ]]; then

@@ -249,6 +249,10 @@ def _define_line_progress_bar() -> Callable[..., ProgressBar]:
             if self._line is not None:
                 self._line.update(1)
 
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            # An epoch resumed mid-way (a requeued Slurm job) gets no on_train_epoch_start.
+            self._epoch_started = time.monotonic()
+
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self._epoch_started = time.monotonic()
             self._start(f"{self._epoch(trainer)} train", self.total_train_batches)
