@@ -148,3 +148,15 @@ def test_an_error_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert lines[-2:] == ["worker_stage: data/patches/train.h5: data cannot be read", HINT], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_params_stage_refuses_zero_devices(tmp_path: Path) -> None:
+    # Before: `train.devices: 0` passed the params check and reached Lightning.
+    project = copy_project(
+        tmp_path / "project", TINY, names=("pipeline", "src", "params.yaml", "settings.yaml")
+    )
+    set_params(project, {"train": {"devices": 0}})
+    result = run(project, "python", "pipeline/check_params.py", check=False)
+    assert result.returncode == 1
+    assert "  train.devices: Value error, expected a number of devices >= 1, or auto (got 0)" in result.stderr
+    assert "Traceback" not in result.stderr

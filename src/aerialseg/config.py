@@ -199,6 +199,13 @@ class TrainConfig(_Section):
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many epochs without a better val_mean_f1; null never stops early."""
 
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:  # Lightning's -1 (all) is "auto" here
+            raise ValueError("expected a number of devices >= 1, or auto")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Self:
         from aerialseg.classes import NUM_CLASSES
