@@ -160,3 +160,32 @@ def test_the_params_stage_refuses_zero_devices(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "  train.devices: Value error, expected a number of devices >= 1, or auto (got 0)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_names_a_garbled_run_reference(patched: Path) -> None:
+    # Before: "evaluate: Expecting value: line 1 column 1 (char 0)", no file.
+    ref = patched / "models/mlflow_run.json"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text("<!DOCTYPE html><html></html>\n")
+    try:
+        line = error_line(patched, "evaluate")
+    finally:
+        ref.unlink()
+    assert "models/mlflow_run.json: not an MLflow run reference" in line
+
+
+def test_train_names_pretrained_weights_without_convolutions(patched: Path) -> None:
+    # Before: "train.pretrained: the weights file has no convolution filters", without the file.
+    import torch
+
+    weights = patched / "weights.pth"
+    torch.save({"not_an_encoder.weight": torch.zeros(3)}, weights)
+    params = patched / "params.yaml"
+    kept = params.read_text()
+    set_params(patched, {"train": {"pretrained": "weights.pth"}})
+    try:
+        line = error_line(patched, "train")
+    finally:
+        params.write_text(kept)
+        weights.unlink()
+    assert "train.pretrained: weights.pth has no convolution filters" in line

@@ -246,7 +246,7 @@ def _build_from_local_weights(args: dict[str, Any], path: Path) -> nn.Module:
     # Accept encoder-only files and whole-model files (keys prefixed `encoder.`).
     prefixed = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     encoder_state = prefixed or state
-    file_in_channels = _first_conv_in_channels(encoder_state)
+    file_in_channels = _first_conv_in_channels(encoder_state, path)
     model = _create({**args, "in_channels": file_in_channels}, encoder_weights=None)
     encoder = model.encoder
     assert isinstance(encoder, nn.Module)  # every smp model and FCNSkip have one
@@ -320,13 +320,16 @@ def torch_file_looks_like(path: Path, err: BaseException | None = None) -> str:
     return f"random bytes: neither a zip archive nor a pickle ({size} bytes)"
 
 
-def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> int:
+def _first_conv_in_channels(state: dict[str, torch.Tensor], path: Path) -> int:
     import torch
 
     for value in state.values():
         if isinstance(value, torch.Tensor) and value.ndim == 4:
             return int(value.shape[1])
-    raise WeightsFileError("train.pretrained: the weights file has no convolution filters")
+    raise WeightsFileError(
+        f"train.pretrained: {path} has no convolution filters (keys {', '.join(list(state)[:5]) or 'none'}); "
+        "expected the state dict of an encoder, or of a whole smp model (keys `encoder.*`)"
+    )
 
 
 def ensure_imagenet_reachable(encoder: str) -> None:

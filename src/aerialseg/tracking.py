@@ -259,7 +259,12 @@ class RunRef:
     def load(cls, path: Path) -> RunRef:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no MLflow run reference; run the `train` stage first")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:  # not JSON (JSONDecodeError), or not its keys
+            raise ValueError(
+                f"{path}: not an MLflow run reference ({err}); rerun the `train` stage (or `dvc checkout`)"
+            ) from err
 
 
 @contextlib.contextmanager
