@@ -124,7 +124,7 @@ class Project:
 def make_project(workdir: Path, git_ref: str | None) -> Project:
     dest = workdir / "project"
     dest.mkdir(parents=True)
-    names = list(dict.fromkeys([*COPIED, "settings.yaml"]))
+    names = list(dict.fromkeys([*COPIED, "settings.yaml", "presets"]))  # presets: `aerialseg preset`
     if git_ref is not None:
         listed = subprocess.run(
             ["git", "-C", str(ROOT), "ls-tree", "--name-only", git_ref, *names],
