@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 
 import pytest
+import typer
 from project_copy import ROOT, TINY, copy_project, mlflow_client, run
+from typer.testing import CliRunner
 
 from aerialseg.grid import GridError, expand
+from aerialseg.leaderboard import leaderboard_command
 
 GRID = """\
 name: tiny
@@ -79,6 +82,61 @@ def test_a_bad_point_stops_the_grid_naming_file_point_and_options(tmp_path: Path
         expand(_grid(tmp_path, "axes:\n  trian.epochs: [1]\n"), ROOT / "params.yaml")
     with pytest.raises(GridError, match=r"unknown key\(s\) axis"):
         expand(_grid(tmp_path, "axis:\n  train.epochs: [1]\n"), ROOT / "params.yaml")
+
+
+def test_the_lecture_view_prints_the_competitions_table_for_one_grid(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("teams", artifact_location=(tmp_path / "mlruns").as_uri())
+    runs = {  # name: optimizer, lr, validation mean F1, test OA, seconds
+        "g-base": ("adam", "0.001", 0.70, 0.91, 38.0),
+        "g-optimizer_sgd-lr_10": ("sgd", "10.0", 0.17, 0.37, 25.0),
+        "other-run": ("adam", "0.001", 0.99, 0.99, 1.0),
+    }
+    for name, (optimizer, lr, val_f1, test_oa, seconds) in runs.items():
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        params = {
+            "train.optimizer": optimizer,
+            "train.lr": lr,
+            "patches.overlap": "0.6",
+            "train.epochs": "20",
+        }
+        metrics = {
+            "selected_val_mean_f1": val_f1,
+            "test_overall_accuracy": test_oa,
+            "test_mean_f1": 0.5,
+            "train_seconds": seconds,
+        }
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+            params=[
+                Param(k, v)
+                for k, v in {**params, "train.augment": "True", "data.source": "synthetic"}.items()
+            ],
+            tags=[RunTag("dvc_exp_name", name), RunTag("hardware", "CPU: test (2 cores)")],
+        )
+        client.set_terminated(run_id)
+    app = typer.Typer()
+    app.command("leaderboard")(leaderboard_command)
+    app.command("other")(lambda: None)
+    args = ["leaderboard", "--tracking-uri", uri, "--experiment", "teams", "--view", "lecture", "--grid", "g"]
+    result = CliRunner().invoke(app, [*args, "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == [
+        "#", "run", "optimizer", "lr", "overlap", "epochs", "augment",
+        "val_mean_f1", "test_oa", "test_mean_f1", "train_s", "hardware", "status",
+    ]  # fmt: skip
+    assert lines[2].startswith("| 1 | g-base | adam | 0.001 | 0.6 | 20 | True | 0.700 | 0.910 |")
+    assert lines[3].startswith("| 2 | g-optimizer_sgd-lr_10 | sgd | 10.0 |") and "25 s" in lines[3]
+    assert "other-run" not in result.stdout  # not of the grid
+    result = CliRunner().invoke(app, [*args[:-1], "nope"])
+    assert result.exit_code == 2 and "no run of grid 'nope'" in result.output
 
 
 @pytest.mark.slow

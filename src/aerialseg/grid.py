@@ -59,6 +59,8 @@ WORKTREES_ENV = "AERIALSEG_GRID_WORKTREES"
 """Folder for the array tasks' worktrees instead of <project>/.dvc/tmp/grid/worktrees."""
 KEEP_ENV = "AERIALSEG_GRID_KEEP"
 """1: keep each task's worktree (to debug a point); it is removed otherwise, failed or not."""
+THREADS_ENV = "OMP_NUM_THREADS"
+"""Threads per experiment of a local grid: unless set, the cores this process may use / --jobs."""
 LOCK_TIMEOUT = 600.0
 """Seconds a task waits for the grid lock (held for a few seconds at a time) before it gives up."""
 
@@ -269,8 +271,15 @@ def run_local(grid: Grid, jobs: int, force: bool = False, dry_run: bool = False)
     _prepare_store(grid)
     for command in commands[:-1]:
         _call(command, Path.cwd())
-    typer.echo(f"{grid.name}: {len(grid.points)} experiment(s) queued; running them, {jobs} at a time")
-    return subprocess.run(commands[-1]).returncode
+    env = dict(os.environ)
+    # N trainings at once, each with one OpenMP thread per core, oversubscribe the cores: torch's
+    # spinning threads then slow each other down many times over. The workers inherit this.
+    env.setdefault(THREADS_ENV, str(max(1, len(os.sched_getaffinity(0)) // jobs)))
+    typer.echo(
+        f"{grid.name}: {len(grid.points)} experiment(s) queued; running them, {jobs} at a time "
+        f"({THREADS_ENV}={env[THREADS_ENV]})"
+    )
+    return subprocess.run(commands[-1], env=env).returncode
 
 
 def _prepare_store(grid: Grid) -> None:
@@ -330,6 +339,7 @@ def submit_slurm(
     parallel: int | None = None,
     wait: bool = False,
     template: Path = TEMPLATE,
+    force: bool = False,
     dry_run: bool = False,
 ) -> int:
     """Submit `grid` as one Slurm job array of `template`, one task per point (at most `parallel` at
@@ -346,6 +356,14 @@ def submit_slurm(
     )
     if dirty and not dry_run:
         raise GridError(problem)
+    # DVC's refs/exps/<commit[:2]>/<commit[2:]>/<name>: refused now, not after the training.
+    refs = _git(project, "for-each-ref", "--format=%(refname)", f"refs/exps/{commit[:2]}/{commit[2:]}/")
+    taken = sorted({ref.rsplit("/", 1)[-1] for ref in refs.splitlines()} & {p.name for p in grid.points})
+    if taken and not force:
+        raise GridError(
+            f"experiment(s) {', '.join(taken)} exist at {commit[:8]} already: --force replaces them "
+            "(or rename the grid)"
+        )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     manifest_path = project / STATE_DIR / f"{grid.name}-{stamp}.json"
     array = f"0-{len(grid.points) - 1}" + (f"%{parallel}" if parallel else "")
@@ -425,7 +443,7 @@ def run_task(manifest_path: Path, index: int) -> int:
        in the project lists it at once; its outputs are in the shared cache;
     4. the worktree removed (`git worktree remove --force`), failed or not, unless
        AERIALSEG_GRID_KEEP=1. A failed task keeps its Slurm log, its MLflow run and, in
-       slurm/logs/, its params.yaml and dvc.lock (`<job>_<task>.params.yaml`, `.dvc.lock`).
+       slurm/logs/, its params.yaml and dvc.lock (`grid-<job>_<task>.params.yaml`, `.dvc.lock`).
     """
     manifest = Manifest.load(manifest_path)
     if not 0 <= index < len(manifest.points):
@@ -450,7 +468,8 @@ def run_task(manifest_path: Path, index: int) -> int:
     env.pop("DVC_ROOT", None)
     with grid_lock(project):
         if worktree.exists():  # a requeued task: start again from the commit
-            _call(["git", "worktree", "remove", "--force", str(worktree)], project)
+            shutil.rmtree(worktree)
+            _call(["git", "worktree", "prune"], project)
         worktree.parent.mkdir(parents=True, exist_ok=True)
         _call(["git", "worktree", "add", "--detach", "--quiet", str(worktree), manifest.commit], project)
     ok = False
@@ -536,7 +555,7 @@ def grid_command(
         bool, typer.Option("--wait", help="Slurm: return when every task has ended (sbatch --wait)")
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", "-f", help="local: replace experiments of the same name")
+        bool, typer.Option("--force", "-f", help="replace experiments of the same name")
     ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print the points and commands, run nothing")
@@ -559,7 +578,7 @@ def grid_command(
             typer.echo(f"  the same as an earlier point, left out: {', '.join(grid.dropped)}")
         if slurm:
             code = submit_slurm(
-                grid, sbatch=shlex.split(sbatch), parallel=parallel, wait=wait, dry_run=dry_run
+                grid, sbatch=shlex.split(sbatch), parallel=parallel, wait=wait, force=force, dry_run=dry_run
             )
         else:
             code = run_local(grid, jobs, force=force, dry_run=dry_run)
