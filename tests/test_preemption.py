@@ -129,3 +129,29 @@ def test_a_preempted_job_resumes_mid_epoch_into_its_run_and_ends_with_the_uninte
     (line,) = _resume_lines(capsys.readouterr().err)
     assert "was trained with train.epochs 3 (now 1), train.lr 0.001 (now 0.01)" in line
     assert line.endswith("starting a new run") and _run_id(other) != run_id
+
+
+@pytest.mark.slow
+def test_a_job_preempted_in_its_first_epoch_resumes_into_one_last_checkpoint(
+    store: Path,  # noqa: F811
+    straight: Path,  # noqa: F811
+    slurm_task: Path,
+    patches_dir: Path,
+    small_params: Callable[..., Params],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before any epoch's checkpoint: Lightning's `last` callback has not written last.ckpt yet,
+    # and must then overwrite the one Preemption saved (not write last-v1.ckpt beside it).
+    models = tmp_path / "models"
+    params = _params(small_params, patches_dir, models, **EXACT)
+    with pytest.raises(Requeued):
+        train(params, callbacks=[SignalAt(0, 0)])
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+
+    train(params)
+
+    assert sorted(p.name for p in (models / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    for name in ("checkpoints/last.ckpt", "model.ckpt"):
+        _assert_identical(_weights(models / name), _weights(straight / name))
+    assert _client(store).get_run(_run_id(models)).info.status == "FINISHED"
