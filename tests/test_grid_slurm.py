@@ -92,6 +92,11 @@ def test_a_grid_is_one_job_array_of_worktrees_collected_into_the_project(
     # The failed task's params.yaml and dvc.lock, kept for debugging.
     kept = project / "slurm" / "logs" / f"grid-{job}_2.params.yaml"
     assert "99" in kept.read_text(), shown_logs
+    # The same grid again is refused before anything is submitted: its experiments exist.
+    again = run(project, "aerialseg", "grid", "grid.yaml", "--slurm", env=env, check=False)
+    assert again.returncode == 2 and "sl-lr_0.002, sl-lr_0.01 exist at" in again.stderr, again.stderr
+    assert "Submitted batch job" not in again.stdout
+
     # Each experiment's checkpoint is in the project's DVC cache (the worktrees shared it).
     refs = run(
         project, "git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps", env=env
