@@ -314,7 +314,7 @@ def train(params: Params, callbacks: Sequence[Callback] = ()) -> dict[str, float
     registered = registered_model_name(params.tracking.registered_model, params)  # a bad name fails now
     cfg = params.train
     # Who is global rank 0 (the one that writes files and talks to MLflow), before the trainer says.
-    rank_zero_only.rank = launch_rank(cfg.devices, cfg.accelerator)
+    rank_zero_only.rank = launch_rank(cfg.devices, cfg.accelerator)  # type: ignore[attr-defined]
     L.seed_everything(cfg.seed, workers=True)
     train_info = read_patch_info(params.paths.patches / "train.h5")
     val_info = read_tile_file_info(params.paths.patches / "val.h5")
