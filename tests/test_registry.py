@@ -24,6 +24,7 @@ from packaging.utils import canonicalize_name
 from aerialseg.checkpoint import load_checkpoint
 from aerialseg.config import Params, load_params
 from aerialseg.evaluation import evaluate
+from aerialseg.export import ExportError, export_onnx
 from aerialseg.model import build_model, model_args
 from aerialseg.model_card import ModelCard
 from aerialseg.model_source import load_model
@@ -193,6 +194,11 @@ def test_the_logged_model_is_a_pt2_graph_with_dynamic_batch_height_and_width(
         x = torch.randn(shape)
         with torch.no_grad():
             assert torch.equal(loaded(x), network(x)), shape
+    # `aerialseg export -m models:/...`: the dynamo exporter takes the graph; TorchScript says why not.
+    with pytest.raises(ExportError, match="--exporter dynamo"):
+        export_onnx(loaded, loaded_card, tmp_path / "ts.onnx", exporter="torchscript")
+    if arch == "fcn_skip":  # the faster of the two (~20 s here)
+        assert export_onnx(loaded, loaded_card, tmp_path / "m.onnx").parity.ok
 
 
 def _closure(requirements: list[str]) -> set[str]:
