@@ -278,6 +278,7 @@ def test_a_trained_run_has_system_metrics_dataset_inputs_and_a_registered_pt2_mo
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
     assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) >= 1
     # The tiles and patches as dataset inputs, with dvc.lock's digests.
+    assert run.inputs is not None
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert {name: d.dataset.digest for name, d in inputs.items()} == {
         f"data/{stage}": md5 for stage, md5 in digests.items()
