@@ -336,7 +336,7 @@ KILLS = [
     Kill("evaluate", S.SIGTERM, "stage", "start+4"),
     Kill("evaluate", S.SIGINT, "stage", "reports/.predictions.tmp-*"),
     Kill("evaluate", S.SIGKILL, "dvc", "start+4"),
-    Kill("evaluate", S.SIGTERM, "dvc", "reports/.metrics.tmp-*"),
+    Kill("evaluate", S.SIGTERM, "dvc", "reports/.overlays.tmp-*/*"),
 ]
 
 
