@@ -19,10 +19,10 @@ own DVC cache, MLflow store (`mlflow.db`) and `$TMPDIR`:
   `aerialseg leaderboard` must stop within `AERIALSEG_TRACKING_TIMEOUT` (30 s) plus start-up.
 
 Writes reports/faults.md (the table, with each row's command) and reports/faults.json, and exits
-with 1 when any row failed. Not part of `make test` (about 25 min on 2 CPU cores).
+with 1 when any row failed. Not part of `make test` (19 min on 2 shared CPU cores).
 
     python benchmarks/faults.py                       # everything
-    python benchmarks/faults.py --parts inputs --only hdf5   # rows whose name contains "hdf5"
+    python benchmarks/faults.py --parts inputs --only train.h5   # rows whose name contains it
 """
 
 from __future__ import annotations
