@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,9 @@ def test_a_missing_orthophoto_stops_tiles_instead_of_dropping_the_tile(patched: 
     ],
     ids=["misspelt-split", "html-page"],
 )
-def test_a_damaged_tile_table_stops_patches_naming_it(patched: Path, damage, named: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_tile_table_stops_patches_naming_it(
+    patched: Path, damage: Callable[[str], str], named: str
+) -> None:
     table = patched / "data/tiles/tiles.csv"
     kept = table.read_text()
     table.write_text(damage(kept))
