@@ -622,3 +622,40 @@ def test_an_old_size_key_says_what_it_is_called_now(tmp_path: Path, section: str
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=rf"{section}\.size: renamed to {new} \(DVC's run cache"):
         load_params(path)
+
+
+def _check_params_stage(folder: Path) -> list[str]:
+    """stderr lines of the `params` stage's script run in `folder` (its params.yaml), which must fail."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    env.pop("AERIALSEG_TRACEBACK", None)
+    done = subprocess.run(
+        [sys.executable, str(root / "pipeline" / "check_params.py")],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr.strip().splitlines()
+
+
+def test_params_that_are_not_yaml_are_one_line_with_the_position(tmp_path: Path) -> None:
+    text = PROJECT_PARAMS.read_text().replace("  epochs: 12\n", "  epochs: 12\n lr: [0.1\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    line = _check_params_stage(tmp_path)[0]
+    assert line.startswith("check_params: params.yaml:"), line
+    assert ": not valid YAML: " in line and "^" not in line
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    text = PROJECT_PARAMS.read_text().replace("  epochs: 12\n", "  epochs: 12\n  lr: 0.1\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    numbered = list(enumerate(text.splitlines(), start=1))
+    first, second = sorted(n for n, line in numbered if line.startswith("  lr: "))
+    assert _check_params_stage(tmp_path)[0] == (
+        f"check_params: params.yaml:{second}: train.lr: written twice (also on line {first}); "
+        "YAML keeps only the last value: remove one"
+    )

@@ -290,8 +290,8 @@ def load_params(path: str | Path = "params.yaml", settings: str | Path | None = 
     """
     path = Path(path)
     settings_path = Path(settings) if settings is not None else path.with_name(SETTINGS_FILE)
-    raw, text = _read_mapping(path)
-    _check_tile_ids_as_written(path, yaml.compose(text, Loader=yaml.SafeLoader))
+    raw, root = _read_mapping(path)
+    _check_tile_ids_as_written(path, root)
     values, misplaced = split_settings(raw)
     problems = [
         f"{path}: {key}: does not change results, so it belongs in {settings_path} (move it there)"
@@ -299,7 +299,7 @@ def load_params(path: str | Path = "params.yaml", settings: str | Path | None = 
     ]
     extra: dict = {}
     if settings_path.exists():
-        stray, extra = split_settings(_read_mapping(settings_path)[0])
+        stray, extra = split_settings(_read_mapping(settings_path, empty_ok=True)[0])
         problems += [
             f"{settings_path}: {key}: not a setting (settings hold only {', '.join(NOT_RESULTS)}); "
             f"params go in {path}"
@@ -361,21 +361,60 @@ def _merged(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_mapping(path: Path) -> tuple[dict[str, Any], str]:
+def _read_mapping(path: Path, empty_ok: bool = False) -> tuple[dict[str, Any], yaml.Node | None]:
+    """The YAML mapping in `path` and its node tree; ConfigError (one line) when it cannot be one."""
     try:
         text = path.read_text()
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_unique_keys(path, root)
         raw = yaml.safe_load(text)
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: file does not exist") from err
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read ({err})") from err
+    except yaml.MarkedYAMLError as err:
+        where = _position(err.problem_mark)
+        raise ConfigError(f"{path}{where}: not valid YAML: {_yaml_problem(err)}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if raw is None and path.name == SETTINGS_FILE:
-        return {}, text  # an empty settings file: every setting at its default
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if raw is None and empty_ok:
+        return {}, root  # an empty settings file: every setting at its default
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return raw, text
+    return raw, root
+
+
+def _position(mark: Any) -> str:
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(err: yaml.MarkedYAMLError) -> str:
+    """PyYAML's problem in one line (its message adds the line and a caret drawing below it)."""
+    problem = err.problem or "cannot be parsed"
+    if err.context and err.context_mark is not None:
+        return f"{problem} ({err.context} from line {err.context_mark.line + 1})"
+    return f"{problem} ({err.context})" if err.context else problem
+
+
+def _check_unique_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> None:
+    """Refuse a key written twice in one mapping: every YAML reader keeps only the last value, so
+    the first would look set and be ignored (as a misspelt key would be, without this)."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(path, item, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise ConfigError(
+                    f"{path}:{line}: {prefix}{key.value}: written twice (also on line {seen[key.value]}); "
+                    "YAML keeps only the last value: remove one"
+                )
+            seen[key.value] = line
+            _check_unique_keys(path, value, f"{prefix}{key.value}.")
 
 
 PLAIN_TILE_NUMBER = re.compile(r"(0|[1-9][0-9]*)\Z")
