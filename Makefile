@@ -66,7 +66,9 @@ format: install-dev ## apply ruff's formatting and safe fixes
 
 # The runtime lock is resolved first, alone; the dev extra is then resolved against it (-c), so the
 # tools never move a runtime pin, and requirements-dev.lock holds only what the tools add.
-LOCK_FREEZE := .lock-venv/bin/pip freeze --all --exclude-editable | grep -viE '^(nvidia-|cuda-|triton==|pip==)'
+# torch's CUDA runtime wheels (nvidia-cu*, nvidia-nv*, nvidia-nccl*, cuda-*) are left to torch, which pins
+# them; nvidia-ml-py (NVML, MLflow's GPU system metrics) is ours and stays.
+LOCK_FREEZE := .lock-venv/bin/pip freeze --all --exclude-editable | grep -viE '^(nvidia-(cu|nv|nccl)|cuda-|triton==|pip==)'
 lock: ## re-resolve requirements.lock (runtime) and requirements-dev.lock (dev tools) from pyproject.toml (needs the package registry)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade "pip>=24"

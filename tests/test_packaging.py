@@ -113,7 +113,7 @@ def test_the_split_follows_the_dependency_graph() -> None:
     locked_but_unneeded = runtime - runtime_needs - {"setuptools"}  # setuptools: the build backend
     assert not locked_but_unneeded, f"in requirements.lock but not needed at run time: {locked_but_unneeded}"
     # Whatever the package needs is locked (torch's CUDA runtime wheels excepted: torch pins those).
-    cuda = re.compile(r"^(nvidia-|cuda-|triton$)")
+    cuda = re.compile(r"^(nvidia-(cu|nv|nccl)|cuda-|triton$)")  # as the Makefile's LOCK_FREEZE
     missing = {n for n in runtime_needs - runtime if not cuda.match(n)}
     assert not missing, f"needed at run time but not in requirements.lock: {missing}"
 
