@@ -130,6 +130,32 @@ def test_a_stage_removes_dead_leftovers_of_every_output_folder_and_of_tmpdir(tmp
     assert list(tmpdir.iterdir()) == []  # the stage's own $TMPDIR folder went at its exit
 
 
+def test_a_stage_called_again_in_process_keeps_one_short_tmpdir(tmp_path: Path) -> None:
+    # Before: each in-process stage (tests run scripts with runpy) nested its $TMPDIR folder in
+    # the previous one; multiprocessing's socket folder followed, past AF_UNIX's 107-byte limit, a
+    # loader worker could not hand over its batch and the training waited forever.
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import multiprocessing.util, tempfile\n"
+        "from aerialseg.stage import clean_project_leftovers\n"
+        "clean_project_leftovers()\n"
+        "first = tempfile.gettempdir()\n"
+        "clean_project_leftovers()\n"
+        "print(first, tempfile.gettempdir(), multiprocessing.util.get_temp_dir())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    first, second, sockets = (Path(p) for p in done.stdout.split())
+    assert first == second and first.parent == tmp_path
+    assert sockets.parent == tmp_path  # multiprocessing's folder stays in the base, not in ours
+
+
 def test_an_error_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
     # Before: torch re-raises a worker's error with the worker's traceback in its message, so the
     # stage's "one line" was a dozen.

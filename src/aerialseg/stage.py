@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -143,7 +144,13 @@ def clean_project_leftovers() -> None:
         if folder.is_dir() and not folder.is_symlink():
             clean_leftovers(folder)
     base = Path(tempfile.gettempdir())
+    if base.name == temp_name(base.parent / "aerialseg").name:
+        return  # this process has its folder already (a stage called in-process again): no nesting
     clean_leftovers(base)
+    # multiprocessing's own folder (the sockets through which loader workers hand over tensors)
+    # stays in the base: AF_UNIX paths are limited to 107 bytes, and a socket that cannot be
+    # bound loses the batch silently (the loader then waits forever).
+    multiprocessing.util.get_temp_dir()
     own = temp_name(base / "aerialseg")
     own.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = tempfile.tempdir = str(own)  # worker and DDP processes inherit it
