@@ -78,6 +78,17 @@ def patches_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_tiles: Path)
     return out
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without MLflow's process-wide tracking URI. The stages set it
+    (`mlflow.set_tracking_uri` in tracking.py, model_source.py: one stage, one process), and it
+    outranks MLFLOW_TRACKING_URI: set by an earlier test, it sent a later test's `MlflowClient()`
+    to that test's store ("Run with id=... not found")."""
+    import mlflow.tracking._tracking_service.utils as mlflow_uri
+
+    monkeypatch.setattr(mlflow_uri, "_tracking_uri", None)
+
+
 # --------------------------------------------------------------------------------------
 # One small base Params that each test changes a key or two of (as lightning-hydra-template's tests do)
 
