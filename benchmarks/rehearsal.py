@@ -42,7 +42,9 @@ from typing import Any
 import psutil
 import yaml
 
-from aerialseg.config import SETTINGS_FILE, split_settings
+# The tests' writer of params.yaml and settings.yaml (config.NOT_RESULTS keys go to the latter).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from project_copy import set_params
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -165,16 +167,6 @@ def stage_env(project: Path) -> dict[str, str]:
     return env
 
 
-def update_params(project: Path, updates: dict[str, dict[str, Any]]) -> None:
-    """Update params.yaml, and settings.yaml for the keys that live there (config.NOT_RESULTS)."""
-    for name, part in zip(("params.yaml", SETTINGS_FILE), split_settings(updates), strict=True):
-        path = project / name
-        tree = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
-        for section, values in part.items():
-            tree.setdefault(section, {}).update(values)
-        path.write_text(yaml.safe_dump(tree, sort_keys=False))
-
-
 # --------------------------------------------------------------------------------------
 # One run: one dataset at one size, its stages in order
 
@@ -246,7 +238,7 @@ def execute(run: Run, workdir: Path, args: argparse.Namespace) -> None:
     applied = subprocess.run(preset, cwd=project, env=env, capture_output=True, text=True)
     if applied.returncode != 0:
         raise SystemExit(f"rehearsal: {' '.join(preset[3:])} failed in {project}: {applied.stderr.strip()}")
-    update_params(project, params_for(run, raw, args))
+    set_params(project, params_for(run, raw, args))
     bands = yaml.safe_load((project / "params.yaml").read_text())["data"]["bands"]
     run.tile_mib = round(run.largest_tile_px * len(bands) * 4 / 2**20, 1)
     steps += [(stage, [python, f"pipeline/{stage}.py"]) for stage in ("tiles", "patches")]
