@@ -41,6 +41,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _training(folder: Path, params: Params, **env: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that train `params` in `folder` the way `dvc repro` runs
+    pipeline/train.py (one thread per process: several processes on a small machine)."""
+    (folder / "params.json").write_text(json.dumps(params.model_dump(mode="json")))
+    (folder / "run_train.py").write_text(SCRIPT)
+    dropped = ("MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK")  # the script's own store; rank from Lightning
+    inherited = {k: v for k, v in os.environ.items() if k not in dropped}
+    return [sys.executable, "run_train.py", "params.json"], {**inherited, "OMP_NUM_THREADS": "1", **env}
+
+
 def _scored_pixels(path: Path) -> tuple[int, int]:
     """(whole val tiles, eroded-reference pixels that are scored) in a val.h5."""
     with h5py.File(path, "r") as f:
@@ -68,13 +78,9 @@ def test_two_process_cpu_ddp_training(
             "tracking.experiment": "ddp",
         },
     )
-    (tmp_path / "params.json").write_text(json.dumps(params.model_dump(mode="json")))
-    (tmp_path / "run_train.py").write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["OMP_NUM_THREADS"] = "1"  # two processes on a small machine
-
+    command, env = _training(tmp_path, params)
     done = subprocess.run(
-        [sys.executable, str(tmp_path / "run_train.py"), str(tmp_path / "params.json")],
+        command,
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -145,13 +151,12 @@ def test_a_second_node_started_by_hand_neither_logs_nor_writes(
                 "tracking.experiment": "nodes",
             },
         )
-        (folder / "params.json").write_text(json.dumps(params.model_dump(mode="json")))
-        (folder / "run_train.py").write_text(SCRIPT)
-        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK")}
-        env.update(OMP_NUM_THREADS="1", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command, env = _training(
+            folder, params, NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
         nodes.append(
             subprocess.Popen(
-                [sys.executable, "run_train.py", "params.json"],
+                command,
                 cwd=folder,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -164,9 +169,8 @@ def test_a_second_node_started_by_hand_neither_logs_nor_writes(
         assert node.returncode == 0, stderr[-4000:]
 
     first, second = tmp_path / "node0", tmp_path / "node1"
-    runs = MlflowClient(f"sqlite:///{first / 'mlflow.db'}").search_runs(
-        [MlflowClient(f"sqlite:///{first / 'mlflow.db'}").get_experiment_by_name("nodes").experiment_id]
-    )
+    client = MlflowClient(f"sqlite:///{first / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
     assert len(runs) == 1 and runs[0].data.params["train.world_size"] == "2"
     assert (first / "models" / "model.ckpt").exists()
     assert (first / "models" / "checkpoints" / "last.ckpt").exists()
